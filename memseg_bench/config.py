@@ -1,0 +1,333 @@
+"""Configuration: frozen dataclasses filled from a preset and params.yaml.
+
+Resolution order: dataclass defaults <- preset file (memseg_bench/presets/<preset>.yaml) <- the
+sections of params.yaml. Unknown keys and wrong types are errors that name the dotted key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from memseg_bench.errors import UserError
+
+PRESETS_DIR = Path(__file__).parent / "presets"
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    seed: int = 0
+    n_train: int = 400
+    n_val: int = 60
+    n_test: int = 60
+    size: int = 64
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: Literal["synthetic", "folder", "voc", "cityscapes", "camvid"] = "synthetic"
+    root: str = "data/synthetic"
+    # Normalisation on 0..255 RGB input: (x - mean) / std; applied inside the model.
+    mean: tuple[float, float, float] = (123.675, 116.28, 103.53)
+    std: tuple[float, float, float] = (58.395, 57.12, 57.375)
+    # Cityscapes DeepLabv2 protocol: the network sees the image scaled by this factor.
+    input_scale: float = 1.0
+    workers: int = 0
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    family: str = "random"
+    # Seed of our own random draws (families drawn by us, never the published ones).
+    draw_seed: int = 0
+    # Label counts drawn by `memseg prepare` for our own families.
+    n_labeled: tuple[int, ...] = (20, 400)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: Literal["deeplabv3plus", "deeplabv2"] = "deeplabv3plus"
+    backbone: Literal["resnet18", "resnet50", "resnet101", "mobilenet_v3_large"] = "resnet18"
+    # Local torchvision-format state dict of the backbone; null = random init.
+    weights: str | None = None
+    output_stride: int = 16
+    feature_dim: int = 256
+
+
+@dataclass(frozen=True)
+class AugmentSide:
+    scale_prob: float = 0.5
+    flip_prob: float = 0.5
+    jitter_prob: float = 0.2
+    jitter_strength: float = 0.125
+    blur_prob: float = 0.0
+    classmix_prob: float = 0.2
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    scale_range: tuple[float, float] = (0.75, 1.75)
+    blur_sigma: tuple[float, float] = (0.1, 1.5)
+    labeled: AugmentSide = field(default_factory=AugmentSide)
+    unlabeled: AugmentSide = field(
+        default_factory=lambda: AugmentSide(
+            scale_prob=0.8, jitter_prob=0.8, jitter_strength=0.25, blur_prob=0.2, classmix_prob=0.75
+        )
+    )
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    iterations: int = 600
+    batch_labeled: int = 4
+    batch_unlabeled: int = 2
+    crop: int = 64
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    poly_power: float = 0.9
+    # The reference listed every parameter several times in the optimiser ([official]).
+    lr_multiplier: float = 1.0
+    deterministic: bool = True
+    threads: int = 0
+    log_every: int = 20
+    checkpoint_every: int = 100
+    val_every: int = 0
+    amp: Literal["none", "bf16"] = "none"
+    channels_last: bool = False
+    compile: bool = False
+    sync_bn: bool = False
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass(frozen=True)
+class SelfTrainConfig:
+    pseudo_power: float = 6.0
+    ramp_iterations: int = 2000
+    entropy_weight: float = 0.01
+    ema_final: float = 0.995
+    # Copy BN running statistics from the student into the teacher at every EMA update.
+    teacher_copy_buffers: bool = True
+    # Drop the background class (id 0) from ClassMix candidates unless it is alone (VOC).
+    classmix_drop_background: bool = False
+    # Cityscapes class weighting of L_sup and L_pseudo after contrastive_start.
+    class_weights: bool = False
+
+
+@dataclass(frozen=True)
+class MemSegConfig:
+    memory_size: int = 256
+    memory_start: int = 1000
+    contrastive_start: int = 2000
+    weight_labeled: float = 0.1
+    weight_unlabeled: float = 0.1
+    quality_filter: bool = True
+    quality_threshold: float = 0.95
+    feature_weights: bool = True
+    ranked_insertion: bool = True
+    # auto follows methods.behaviour: paper keeps the highest scores, official the lowest.
+    rank_order: Literal["auto", "highest", "lowest"] = "auto"
+    k_rule: Literal["cityscapes", "voc"] = "cityscapes"
+
+
+@dataclass(frozen=True)
+class MethodsConfig:
+    behaviour: Literal["paper", "official"] = "paper"
+    selftrain: SelfTrainConfig = field(default_factory=SelfTrainConfig)
+    memseg: MemSegConfig = field(default_factory=MemSegConfig)
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    mode: Literal["whole", "sliding"] = "whole"
+    window: int = 512
+    stride: int = 341
+    split: Literal["val", "test"] = "test"
+    batch: int = 8
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    methods: tuple[str, ...] = ("supervised", "selftrain", "memseg")
+    splits: tuple[str, ...] = ("random/20",)
+    seeds: tuple[int, ...] = (0, 1, 2)
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    run: str = "supervised-random-20-s0"
+    opset: int = 18
+    parity_sizes: tuple[tuple[int, int], ...] = ((64, 64), (96, 128))
+    max_abs_tolerance: float = 1e-3
+    min_argmax_agreement: float = 0.999
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    grid_images: int = 4
+
+
+@dataclass(frozen=True)
+class Config:
+    preset: str | None = None
+    data: DataConfig = field(default_factory=DataConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    methods: MethodsConfig = field(default_factory=MethodsConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp` and convert lists to tuples; raise naming `key`."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise UserError(f"params: '{key}' must be a mapping, got {value!r}")
+        return _build(tp, value, key)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, key)
+            except UserError as error:
+                errors.append(str(error))
+        raise UserError(f"params: '{key}' has a wrong type: {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise UserError(f"params: '{key}' must be one of {list(args)}, got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f"params: '{key}' must be a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise UserError(f"params: '{key}' must have {len(args)} entries, got {value!r}")
+        return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"params: '{key}' must be a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UserError(f"params: '{key}' must be an integer, got {value!r}")
+        return value
+    if tp in (str, bool):
+        if not isinstance(value, tp):
+            raise UserError(f"params: '{key}' must be {_type_name(tp)}, got {value!r}")
+        return value
+    raise TypeError(f"unsupported annotation {tp!r} for {key}")
+
+
+def _build(cls: type, values: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for name in values:
+        if name not in known:
+            dotted = f"{prefix}.{name}" if prefix else str(name)
+            raise UserError(f"params: unknown key '{dotted}'")
+    kwargs = {}
+    for name, value in values.items():
+        dotted = f"{prefix}.{name}" if prefix else name
+        kwargs[name] = _convert(value, hints[name], dotted)
+    if prefix:
+        base = cls()
+        return dataclasses.replace(base, **kwargs)
+    return cls(**kwargs)
+
+
+def _merge(base: dict, override: dict) -> dict:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _read_yaml(path: Path, what: str) -> dict:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise UserError(f"{what} not found: {path}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise UserError(f"{what} {path} is not valid YAML: {str(error).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{what} {path} must hold a mapping at the top level")
+    return data
+
+
+def available_presets() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def config_from_dict(values: dict) -> Config:
+    """Resolve a params mapping (with an optional `preset` key) into a Config."""
+    preset = values.get("preset")
+    layered: dict = {}
+    if preset is not None:
+        if not isinstance(preset, str) or not (PRESETS_DIR / f"{preset}.yaml").is_file():
+            raise UserError(f"params: 'preset' must be one of {available_presets()}, got {preset!r}")
+        layered = _read_yaml(PRESETS_DIR / f"{preset}.yaml", "preset file")
+        if "preset" in layered:
+            raise UserError(f"preset file {preset}.yaml: unknown key 'preset'")
+    layered = _merge(layered, values)
+    return _build(Config, layered)
+
+
+def load_config(path: str | Path = "params.yaml", overrides: dict | None = None) -> Config:
+    values = _read_yaml(Path(path), "params file")
+    if overrides:
+        values = _merge(values, overrides)
+    return config_from_dict(values)
+
+
+def config_to_dict(config: Any) -> dict:
+    def plain(value: Any) -> Any:
+        if isinstance(value, tuple):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    return plain(dataclasses.asdict(config))
+
+
+def config_hash(config: Config) -> str:
+    text = json.dumps(config_to_dict(config), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def dump_config(config: Config) -> str:
+    return yaml.safe_dump(config_to_dict(config), sort_keys=False)
+
+
+def is_official(config: Config) -> bool:
+    return config.methods.behaviour == "official"

@@ -1,0 +1,95 @@
+"""Atomic file writes and image reading with errors that name the file."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from memseg_bench.errors import UserError
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success it replaces `path` in one rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def read_json(path: str | Path) -> Any:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UserError(f"file not found: {path}") from None
+    except json.JSONDecodeError as error:
+        raise UserError(f"{path} is not valid JSON: {error}") from None
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """RGB uint8 array (H, W, 3)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"))
+    except FileNotFoundError:
+        raise UserError(f"image not found: {path}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise UserError(f"cannot read image {path}: {error}") from None
+
+
+def read_label(path: str | Path) -> np.ndarray:
+    """Class-index label (H, W) uint8 from a single-channel or palette PNG."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            if image.mode not in ("L", "P", "I", "I;16"):
+                raise UserError(
+                    f"label {path} has mode {image.mode}: expected a single-channel class-index PNG"
+                )
+            array = np.asarray(image)
+    except FileNotFoundError:
+        raise UserError(f"label not found: {path}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise UserError(f"cannot read label {path}: {error}") from None
+    if array.dtype != np.uint8:
+        if array.min() < 0 or array.max() > 255:
+            raise UserError(f"label {path} has values outside 0..255")
+        array = array.astype(np.uint8)
+    return array
+
+
+def save_png(path: str | Path, array: np.ndarray, palette: list[list[int]] | None = None) -> None:
+    """Write a uint8 array as PNG atomically; a (H, W) array with a palette becomes mode P."""
+    from PIL import Image
+
+    image = Image.fromarray(array)
+    if palette is not None:
+        image = image.convert("P") if image.mode != "P" else image
+        flat = [v for rgb in palette for v in rgb]
+        image.putpalette(flat + [0] * (768 - len(flat)))
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
