@@ -46,7 +46,12 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class SplitConfig:
+    # Folder under splits/ that holds this dataset's split families (null: data.name).
+    dataset: str | None = None
     family: str = "random"
+    # When set, run seed K trains on draw K of the family: folder FAMILY + seed_suffix.format(seed=K)
+    # (e.g. "_s{seed}" reads splits/<dataset>/random_s0/... for seed 0).
+    seed_suffix: str | None = None
     # Seed of our own random draws (families drawn by us, never the published ones).
     draw_seed: int = 0
     # Label counts drawn by `memseg prepare` for our own families.
@@ -158,13 +163,25 @@ class EvaluateConfig:
 @dataclass(frozen=True)
 class SweepConfig:
     methods: tuple[str, ...] = ("supervised", "selftrain", "memseg")
-    splits: tuple[str, ...] = ("random/20",)
+    n_labeled: tuple[int, ...] = (20,)
     seeds: tuple[int, ...] = (0, 1, 2)
+    # Supervised training on every labeled image: the upper reference row.
+    full_n_labeled: int = 400
+    full_seeds: tuple[int, ...] = (0,)
+    ablations: tuple[str, ...] = (
+        "no_contr_labeled",
+        "no_contr_unlabeled",
+        "no_feature_weights",
+        "no_quality_filter",
+        "random_insertion",
+    )
+    ablation_n_labeled: int = 20
+    ablation_seeds: tuple[int, ...] = (0,)
 
 
 @dataclass(frozen=True)
 class ExportConfig:
-    run: str = "supervised-random-20-s0"
+    run: str = "memseg-n20-s0"
     opset: int = 18
     parity_sizes: tuple[tuple[int, int], ...] = ((64, 64), (96, 128))
     max_abs_tolerance: float = 1e-3
@@ -296,8 +313,9 @@ def config_from_dict(values: dict) -> Config:
         if not isinstance(preset, str) or not (PRESETS_DIR / f"{preset}.yaml").is_file():
             raise UserError(f"params: 'preset' must be one of {available_presets()}, got {preset!r}")
         layered = _read_yaml(PRESETS_DIR / f"{preset}.yaml", "preset file")
-        if "preset" in layered:
-            raise UserError(f"preset file {preset}.yaml: unknown key 'preset'")
+        for key in ("preset", "sweep"):
+            if key in layered:
+                raise UserError(f"preset file {preset}.yaml: key '{key}' belongs in params.yaml")
     layered = _merge(layered, values)
     return _build(Config, layered)
 

@@ -1,0 +1,3 @@
+from memseg_bench.cli import main
+
+main()

@@ -1,0 +1,51 @@
+"""Atomic checkpoints: everything a run needs to continue exactly where it stopped."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from memseg_bench.errors import UserError
+from memseg_bench.fileio import atomic_path
+
+
+def rng_state() -> dict:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save(path: str | Path, payload: dict) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def load(path: str | Path, map_location="cpu") -> dict:
+    """Checkpoints hold tensors, numbers, strings and RNG states; numpy's RNG state needs its
+    reconstruction globals allow-listed for weights_only loading."""
+    core = getattr(np, "_core", None) or np.core
+    safe = [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype("uint32"))]
+    try:
+        with torch.serialization.safe_globals(safe):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"checkpoint not found: {path}") from None
+    except Exception as error:  # noqa: BLE001 - any unpickling failure is a bad file for the user
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise UserError(f"cannot load checkpoint {path}: {message}") from None

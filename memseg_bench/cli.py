@@ -1,0 +1,229 @@
+"""The `memseg` command: a thin Typer layer over the library. Every stage of dvc.yaml is one
+command here. Hyper-parameters come from params.yaml only; options select runs and paths."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import typer
+
+from memseg_bench.errors import UserError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Semi-supervised segmentation benchmark: prepare, train, evaluate, report, export, predict.",
+)
+bench_app = typer.Typer(no_args_is_help=True, help="Speed and memory benchmarks.")
+data_app = typer.Typer(no_args_is_help=True, help="Dataset checks.")
+splits_app = typer.Typer(no_args_is_help=True, help="Split files under splits/.")
+app.add_typer(bench_app, name="bench")
+app.add_typer(data_app, name="data")
+app.add_typer(splits_app, name="splits")
+
+PARAMS = typer.Option(Path("params.yaml"), "--params", help="params file")
+
+
+def _config(params: Path, preset: str | None = None):
+    from memseg_bench.config import load_config
+
+    return load_config(params, None if preset is None else {"preset": preset})
+
+
+@app.command()
+def prepare(params: Path = PARAMS) -> None:
+    """Build the dataset index (generate the embedded dataset) and verify every split in the sweep."""
+    from memseg_bench.prepare import prepare as run_prepare
+
+    run_prepare(_config(params))
+
+
+@app.command()
+def train(
+    method: str = typer.Option(..., help="supervised | selftrain | memseg"),
+    n_labeled: int = typer.Option(..., help="label count of the split family in params"),
+    seed: int = typer.Option(0, help="training seed (and split draw when split.seed_suffix is set)"),
+    variant: str = typer.Option(None, help="memseg ablation variant"),
+    resume: bool = typer.Option(False, "--resume", help="continue from runs/<run>/checkpoint.pt"),
+    runs_dir: Path = typer.Option(Path("runs")),
+    curves_dir: Path = typer.Option(Path("reports/curves")),
+    params: Path = PARAMS,
+) -> None:
+    """Train one run; writes runs/<run>/ and reports/curves/<run>.csv."""
+    from memseg_bench.engine import train as run_train
+    from memseg_bench.runs import config_for_run, make_spec
+
+    config = _config(params)
+    spec = make_spec(method, config.split.family, n_labeled, seed, variant)
+    summary = run_train(config_for_run(config, spec), spec, runs_dir, curves_dir, resume=resume)
+    typer.echo(
+        f"{summary['run']}: {summary['steps']} steps in {summary['compute']['wall_time_s']:.1f} s"
+    )
+
+
+@app.command()
+def evaluate(
+    run: Path = typer.Option(..., help="run directory, e.g. runs/supervised-random-20-s0"),
+    metrics_dir: Path = typer.Option(Path("reports/metrics")),
+) -> None:
+    """Evaluate a trained run on the protocol's evaluation split; writes reports/metrics/<run>.json."""
+    from memseg_bench.evaluation_run import evaluate_run
+
+    result = evaluate_run(run, metrics_dir)
+    typer.echo(f"{result['run']}: mIoU {100 * result['miou']:.2f}")
+
+
+@app.command()
+def report(
+    metrics_dir: Path = typer.Option(Path("reports/metrics")),
+    out_dir: Path = typer.Option(Path("reports")),
+    runs_dir: Path = typer.Option(Path("runs")),
+    update_readme: Path = typer.Option(None, help="replace the results block of this README"),
+    params: Path = PARAMS,
+) -> None:
+    """Tables (md/csv/tex), figures and summary.json from the metrics of finished runs."""
+    from memseg_bench.report_stage import write_reports
+
+    write_reports(_config(params), metrics_dir, out_dir, runs_dir, update_readme)
+
+
+@app.command()
+def export(
+    run: Path = typer.Option(None, help="run directory (default: export.run in params)"),
+    output: Path = typer.Option(Path("models/student.onnx")),
+    check_report: Path = typer.Option(Path("reports/export_check.json")),
+    params: Path = PARAMS,
+) -> None:
+    """Export the student of a run to ONNX and check parity with PyTorch."""
+    from memseg_bench.export import export_onnx
+
+    settings = _config(params).export
+    run = run or Path("runs") / settings.run
+    result = export_onnx(
+        run / "model.pt",
+        output,
+        check_report,
+        sizes=settings.parity_sizes,
+        opset=settings.opset,
+        max_abs_tolerance=settings.max_abs_tolerance,
+        min_argmax_agreement=settings.min_argmax_agreement,
+    )
+    typer.echo(f"exported {output}: parity {result.get('passed')}")
+
+
+@app.command()
+def predict(
+    inputs: list[Path] = typer.Argument(..., help="image files and/or folders"),
+    model: Path = typer.Option(Path("models/student.onnx"), help="exported ONNX model"),
+    output: Path = typer.Option(None, "--output", "-o", help="output folder"),
+    provider: str = typer.Option("auto", help="auto | cpu | cuda"),
+) -> None:
+    """Segment images with the exported model (onnxruntime, no torch)."""
+    from memseg_bench.predict import predict as run_predict
+
+    run_predict([str(p) for p in inputs], str(model), None if output is None else str(output),
+                provider)
+
+
+@bench_app.command("infer")
+def bench_infer(
+    model: Path = typer.Option(None, help="runs/<run>/model.pt (default: random init)"),
+    backbone: str = typer.Option("resnet50"),
+    size: int = typer.Option(512),
+    repeats: int = typer.Option(10),
+    threads: int = typer.Option(2),
+) -> None:
+    """PyTorch eager vs ONNX Runtime latency at SIZE x SIZE, as a ratio."""
+    from memseg_bench.bench_infer import bench_infer as run
+
+    run(None if model is None else str(model), backbone, size=size, repeats=repeats,
+        threads=threads)
+
+
+@bench_app.command("loss")
+def bench_loss(
+    preset: str = typer.Option("voc", help="voc | cityscapes sizes"),
+    threads: int = typer.Option(2),
+    repeats: int = typer.Option(3),
+    device: str = typer.Option("cpu"),
+) -> None:
+    """Contrastive loss and memory update: closed form vs pairwise, time and peak memory."""
+    from memseg_bench.bench_loss import bench_loss as run
+
+    run(preset, threads=threads, repeats=repeats, device=device)
+
+
+@bench_app.command("step")
+def bench_step(
+    steps: int = typer.Option(5),
+    threads: int = typer.Option(2),
+    preset: str = typer.Option(None, help="benchmark another preset's configuration"),
+    params: Path = PARAMS,
+) -> None:
+    """Iteration time of memseg vs selftrain vs supervised at equal batch, as ratios."""
+    from memseg_bench.bench_train import bench_step as run
+
+    run(_config(params, preset), steps=steps, threads=threads)
+
+
+@bench_app.command("train")
+def bench_train(
+    steps: int = typer.Option(5),
+    warmup: int = typer.Option(2),
+    method: str = typer.Option("memseg"),
+    threads: int = typer.Option(2),
+    preset: str = typer.Option(None, help="benchmark another preset's configuration"),
+    amp: str = typer.Option(None, help="none | bf16 (default: train.amp)"),
+    params: Path = PARAMS,
+) -> None:
+    """Images/s, per-phase step breakdown and peak memory on the present device."""
+    from memseg_bench.bench_train import bench_train as run
+
+    run(
+        _config(params, preset), method=method, steps=steps, warmup=warmup, threads=threads,
+        amp=amp,
+    )
+
+
+@data_app.command("check")
+def data_check(
+    dataset: str = typer.Option(..., help="synthetic | folder | voc | cityscapes | camvid"),
+    root: Path = typer.Option(..., help="dataset root folder"),
+    limit: int = typer.Option(None, help="check at most this many images per split"),
+) -> None:
+    """Validate a dataset on disk; exits 1 with the list of problems."""
+    from memseg_bench.data.check import print_check
+
+    problems = print_check(dataset, root, limit=limit)
+    if problems:
+        raise typer.Exit(1)
+
+
+@splits_app.command("draw")
+def splits_draw(
+    n_labeled: list[int] = typer.Option(..., "--n", help="label counts to draw"),
+    family: str = typer.Option("random"),
+    seed: int = typer.Option(0),
+    params: Path = PARAMS,
+) -> None:
+    """Draw our own split family from the sorted train ids (once; the files are committed)."""
+    from memseg_bench.prepare import draw_family
+
+    draw_family(_config(params), family, n_labeled, seed)
+
+
+def main() -> None:
+    try:
+        app()
+    except UserError as error:
+        typer.echo(f"error: {error}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""torchrun helpers. Single-process runs take the same code path with world size 1."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def setup(device: str = "auto") -> Dist:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1); pick the device."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    if use_cuda:
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        chosen = torch.device("cuda", torch.cuda.current_device())
+    else:
+        chosen = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return Dist(rank, world_size, local_rank, chosen)
+
+
+def teardown(info: Dist) -> None:
+    if info.enabled and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(info: Dist) -> None:
+    if info.enabled:
+        dist.barrier()
+
+
+def mean_across_ranks(values: dict[str, torch.Tensor], info: Dist) -> dict[str, torch.Tensor]:
+    """Average a dict of scalar tensors over ranks in one all-reduce."""
+    if not info.enabled or not values:
+        return values
+    keys = sorted(values)
+    stacked = torch.stack([values[k].detach().float().reshape(()) for k in keys])
+    dist.all_reduce(stacked)
+    stacked /= info.world_size
+    return dict(zip(keys, stacked.unbind()))
+
+
+def gather_rows(tensors: list[torch.Tensor | None], info: Dist) -> list[torch.Tensor | None]:
+    """Concatenate per-rank row tensors (same row count within a rank) in rank order, identically on
+    every rank. Rows may differ in number between ranks; None entries stay None."""
+    if not info.enabled:
+        return tensors
+    present = [t for t in tensors if t is not None]
+    rows = present[0].shape[0] if present else 0
+    count = torch.tensor([rows], device=info.device)
+    counts = [torch.zeros_like(count) for _ in range(info.world_size)]
+    dist.all_gather(counts, count)
+    sizes = [int(c.item()) for c in counts]
+    largest = max(sizes)
+    gathered: list[torch.Tensor | None] = []
+    for tensor in tensors:
+        if tensor is None:
+            gathered.append(None)
+            continue
+        padded = torch.zeros((largest, *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
+        padded[: tensor.shape[0]] = tensor
+        parts = [torch.empty_like(padded) for _ in range(info.world_size)]
+        dist.all_gather(parts, padded.contiguous())
+        gathered.append(torch.cat([p[:n] for p, n in zip(parts, sizes)]))
+    return gathered
+
+
+def broadcast_state(module: torch.nn.Module, info: Dist, buffers_only: bool = False) -> None:
+    """Make every rank hold rank 0's parameters (unless buffers_only) and buffers."""
+    if not info.enabled:
+        return
+    tensors = list(module.buffers())
+    if not buffers_only:
+        tensors = list(module.parameters()) + tensors
+    with torch.no_grad():
+        for tensor in tensors:
+            dist.broadcast(tensor.data, src=0)
+
+
+def average_gradients(module: torch.nn.Module, info: Dist) -> None:
+    """Average gradients over ranks in one flat all-reduce. Methods call their sub-modules
+    directly (student, heads, selectors), so synchronisation is explicit rather than through a
+    DistributedDataParallel wrapper; parameters without a gradient reduce zeros."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= info.world_size
+    offset = 0
+    for param in params:
+        size = param.numel()
+        param.grad = flat[offset : offset + size].view_as(param).clone()
+        offset += size

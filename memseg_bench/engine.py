@@ -1,0 +1,499 @@
+"""The training loop shared by every method: data streams, optimiser, EMA teacher, memory bank,
+logging, validation and atomic checkpoints with exact resume."""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from memseg_bench import checkpoint, distributed
+from memseg_bench.config import Config, config_hash, config_to_dict, dump_config, is_official
+from memseg_bench.errors import UserError
+from memseg_bench.fileio import write_json, write_text
+from memseg_bench.runs import RunSpec, git_commit, peak_memory, seed_everything
+
+
+@dataclass
+class Curve:
+    """Training curve rows; written whole and atomically at every log step."""
+
+    rows: list[dict] = field(default_factory=list)
+    bank_rows: list[dict] = field(default_factory=list)
+
+    def write(self, path: Path, bank_path: Path) -> None:
+        write_text(path, _csv(self.rows))
+        if self.bank_rows:
+            write_text(bank_path, _csv(self.bank_rows))
+
+
+def _csv(rows: list[dict]) -> str:
+    columns: list[str] = []
+    for row in rows:
+        columns += [key for key in row if key not in columns]
+    lines = [",".join(columns)]
+    for row in rows:
+        cells = []
+        for key in columns:
+            value = row.get(key, "")
+            cells.append(f"{value:.6g}" if isinstance(value, float) else str(value))
+        lines.append(",".join(cells))
+    return "\n".join(lines) + "\n"
+
+
+def poly_lr(base: float, step: int, total: int, power: float) -> float:
+    return base * (1 - step / total) ** power
+
+
+def build_models(config: Config, spec: RunSpec, num_classes: int, device: torch.device):
+    from memseg_bench.methods import METHODS
+    from memseg_bench.models import build_heads, build_segmenter
+
+    needs_teacher, needs_bank = METHODS[spec.method]
+    net = build_segmenter(
+        config.model, num_classes, config.data.mean, config.data.std, official=is_official(config)
+    )
+    parts = {"net": net}
+    if needs_bank:
+        parts["heads"] = build_heads(net.feature_channels, num_classes, config.model.feature_dim)
+    model = nn.ModuleDict(parts)
+    if config.train.sync_bn and torch.distributed.is_initialized():
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(device)
+    if config.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    teacher = None
+    if needs_teacher:
+        teacher = copy.deepcopy(model).requires_grad_(False)
+    return model, teacher
+
+
+@dataclass
+class TrainData:
+    """Where a run's batches come from: the dataset's split streams, or synthetic tensors (bench)."""
+
+    class_names: list[str]
+    palette: list[list[int]]
+    n_labeled: int
+    split_hash: str | None
+    labeled: object  # iterator of {"image", "label"} batches with state() / load_state()
+    unlabeled: object | None
+    index: object | None = None
+
+
+def open_train_data(config: Config, spec: RunSpec, dist: distributed.Dist) -> TrainData:
+    from memseg_bench.data.datasets import open_dataset
+    from memseg_bench.data.loader import SegmentationDataset, infinite_batches
+    from memseg_bench.data.splits import load_split, split_hash
+    from memseg_bench.methods import METHODS
+
+    train = config.train
+    index = open_dataset(config.data)
+    family = spec.split_family(config)
+    labeled_ids, unlabeled_ids = load_split(
+        Path("splits"), config.split.dataset or config.data.name, family, spec.n_labeled
+    )
+
+    def stream(ids, batch, offset):
+        dataset = SegmentationDataset(
+            index, "train", ids, crop=train.crop, train=True, seed=spec.seed + offset
+        )
+        return infinite_batches(
+            dataset,
+            batch,
+            seed=spec.seed + offset,
+            rank=dist.rank,
+            world_size=dist.world_size,
+            workers=config.data.workers,
+            pin_memory=dist.device.type == "cuda",
+        )
+
+    unlabeled = None
+    if METHODS[spec.method][0]:
+        if not unlabeled_ids:
+            raise UserError(
+                f"split {family}/{spec.n_labeled} has no unlabeled images for {spec.method}"
+            )
+        unlabeled = stream(unlabeled_ids, train.batch_unlabeled, 7919)
+    return TrainData(
+        class_names=list(index.class_names),
+        palette=[list(c) for c in index.palette],
+        n_labeled=len(labeled_ids),
+        split_hash=split_hash(labeled_ids, unlabeled_ids),
+        labeled=stream(labeled_ids, train.batch_labeled, 0),
+        unlabeled=unlabeled,
+        index=index,
+    )
+
+
+class Trainer:
+    def __init__(
+        self,
+        config: Config,
+        spec: RunSpec,
+        runs_dir: Path,
+        curves_dir: Path,
+        data: TrainData | None = None,
+    ):
+        from memseg_bench.methods import METHODS, method_losses
+        from memseg_bench.methods.context import StepContext
+        from memseg_bench.methods.memory_bank import new_bank
+
+        self.config = config
+        self.spec = spec
+        self.dist = distributed.setup()
+        self.device = self.dist.device
+        self.run_dir = runs_dir / spec.name
+        self.curve_path = curves_dir / f"{spec.name}.csv"
+        self.bank_curve_path = curves_dir / f"{spec.name}.bank.csv"
+        train = config.train
+        if train.threads > 0:
+            torch.set_num_threads(train.threads)
+        torch.use_deterministic_algorithms(train.deterministic, warn_only=True)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = not train.deterministic
+        seed_everything(spec.seed * 1000 + self.dist.rank)
+
+        self.data = data or open_train_data(config, spec, self.dist)
+        self.labeled_stream = self.data.labeled
+        self.unlabeled_stream = self.data.unlabeled
+        self.n_labeled = self.data.n_labeled
+        self.num_classes = len(self.data.class_names)
+        needs_bank = METHODS[spec.method][1]
+
+        self.model, self.teacher = build_models(config, spec, self.num_classes, self.device)
+        if self.dist.enabled:
+            distributed.broadcast_state(self.model, self.dist)
+            if self.teacher is not None:
+                distributed.broadcast_state(self.teacher, self.dist)
+        self.optimizer = torch.optim.SGD(
+            self.model.parameters(),
+            lr=train.lr,
+            momentum=train.momentum,
+            weight_decay=train.weight_decay,
+        )
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(spec.seed * 1000 + self.dist.rank)
+        bank = None
+        if needs_bank:
+            settings = config.methods.memseg
+            bank = new_bank(
+                self.num_classes, settings.memory_size, config.model.feature_dim, self.device
+            )
+        self.ctx = StepContext(
+            config=config,
+            method=spec.method,
+            num_classes=self.num_classes,
+            n_labeled=self.n_labeled,
+            model=self.model,
+            teacher=self.teacher,
+            bank=bank,
+            generator=generator,
+            gather=lambda tensors: distributed.gather_rows(tensors, self.dist),
+        )
+        self.losses = method_losses(spec.method)
+        self.step = 0
+        self.elapsed = 0.0
+        self.images_seen = 0
+        self.curve = Curve()
+        self.best_val: dict | None = None
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.run_dir / "checkpoint.pt"
+
+    def state(self) -> dict:
+        return {
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "teacher": None if self.teacher is None else self.teacher.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "bank": self.ctx.bank,
+            "extra_state": self.ctx.extra_state,
+            "generator": self.ctx.generator.get_state(),
+            "rng": checkpoint.rng_state(),
+            "labeled_stream": self.labeled_stream.state(),
+            "unlabeled_stream": None
+            if self.unlabeled_stream is None
+            else self.unlabeled_stream.state(),
+            "curve": self.curve.rows,
+            "bank_curve": self.curve.bank_rows,
+            "elapsed": self.elapsed,
+            "images_seen": self.images_seen,
+            "best_val": self.best_val,
+            "config": config_to_dict(self.config),
+            "config_hash": config_hash(self.config),
+        }
+
+    def save_checkpoint(self) -> None:
+        if self.dist.is_main:
+            checkpoint.save(self.checkpoint_path, self.state())
+        distributed.barrier(self.dist)
+
+    def resume(self) -> bool:
+        if not self.checkpoint_path.exists():
+            return False
+        state = checkpoint.load(self.checkpoint_path, map_location=self.device)
+        if state["config_hash"] != config_hash(self.config):
+            raise UserError(
+                f"{self.checkpoint_path} was written with another configuration "
+                f"(hash {state['config_hash']}); delete it or restore the params it used"
+            )
+        self.model.load_state_dict(state["model"])
+        if self.teacher is not None:
+            self.teacher.load_state_dict(state["teacher"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if state["bank"] is not None:
+            self.ctx.bank = {k: v.to(self.device) for k, v in state["bank"].items()}
+        self.ctx.extra_state = state["extra_state"]
+        self.ctx.generator.set_state(state["generator"].cpu())
+        checkpoint.set_rng_state(state["rng"])
+        self.labeled_stream.load_state(state["labeled_stream"])
+        if self.unlabeled_stream is not None:
+            self.unlabeled_stream.load_state(state["unlabeled_stream"])
+        self.curve = Curve(state["curve"], state["bank_curve"])
+        self.step = state["step"]
+        self.elapsed = state["elapsed"]
+        self.images_seen = state["images_seen"]
+        self.best_val = state["best_val"]
+        return True
+
+    # -- one iteration -------------------------------------------------------------------------
+
+    def _batch(self, stream) -> dict:
+        batch = next(stream)
+        return {
+            "image": batch["image"].to(self.device, non_blocking=True),
+            "label": batch["label"].to(self.device, non_blocking=True),
+        }
+
+    def train_step(self) -> dict[str, torch.Tensor]:
+        from memseg_bench.methods import memseg
+        from memseg_bench.methods.ema import ema_alpha, ema_update
+
+        train = self.config.train
+        lr = poly_lr(train.lr * train.lr_multiplier, self.step, train.iterations, train.poly_power)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        timer = self.ctx.timer
+        with timer("data"):
+            labeled = self._batch(self.labeled_stream)
+            unlabeled = None
+            if self.unlabeled_stream is not None:
+                unlabeled = self._batch(self.unlabeled_stream)
+        if train.channels_last:
+            labeled["image"] = labeled["image"].contiguous(memory_format=torch.channels_last)
+        self.model.train()
+        autocast = torch.autocast(
+            self.device.type, dtype=torch.bfloat16, enabled=train.amp == "bf16"
+        )
+        with autocast:
+            terms, extras = self.losses(self.ctx, labeled, unlabeled, self.step)
+        loss = sum(terms.values())
+        with timer("backward"):
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.dist.enabled:
+                distributed.average_gradients(self.model, self.dist)
+        with timer("optimizer_ema"):
+            self.optimizer.step()
+            if self.dist.enabled:
+                distributed.broadcast_state(self.model, self.dist, buffers_only=True)
+            if self.teacher is not None:
+                selftrain = self.config.methods.selftrain
+                alpha = ema_alpha(self.step, train.iterations, selftrain.ema_final)
+                ema_update(
+                    self.teacher, self.model, alpha, copy_buffers=selftrain.teacher_copy_buffers
+                )
+        bank_stats = {}
+        if self.ctx.bank is not None:
+            with timer("memory_update"), autocast:
+                bank_stats = memseg.update_bank(self.ctx, extras, self.step)
+        self.step += 1
+        self.images_seen += labeled["image"].shape[0] * self.dist.world_size
+        logs = {f"loss_{name}": value.detach() for name, value in terms.items()}
+        logs["loss"] = loss.detach()
+        logs["lr"] = torch.tensor(lr)
+        if bank_stats:
+            logs["filter_pass_rate"] = bank_stats["kept"].float() / bank_stats["valid"].clamp(min=1)
+        return logs
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def log(self, logs: dict[str, torch.Tensor], rate: float) -> None:
+        logs = distributed.mean_across_ranks(logs, self.dist)
+        row = {"step": self.step, **{k: float(v) for k, v in logs.items()}}
+        if self.ctx.bank is not None:
+            counts = self.ctx.bank["count"].tolist()
+            row["bank_fill"] = sum(counts) / (len(counts) * self.ctx.bank["features"].shape[1])
+            self.curve.bank_rows.append(
+                {"step": self.step, **dict(zip(self.data.class_names, counts))}
+            )
+        row["images_per_s"] = rate
+        row["time_s"] = self.elapsed
+        self.curve.rows.append(row)
+        if self.dist.is_main:
+            self.curve.write(self.curve_path, self.bank_curve_path)
+
+    def validate(self) -> None:
+        from memseg_bench.data.loader import SegmentationDataset
+        from memseg_bench.evaluate import evaluate_segmenter
+
+        if self.dist.is_main:
+            index = self.data.index
+            dataset = SegmentationDataset(
+                index,
+                "val",
+                index.ids("val"),
+                crop=None,
+                train=False,
+                seed=0,
+                input_scale=self.config.data.input_scale,
+            )
+            scores = evaluate_segmenter(
+                self.model["net"],
+                dataset,
+                self.num_classes,
+                self.data.class_names,
+                mode=self.config.evaluate.mode,
+                window=self.config.evaluate.window,
+                stride=self.config.evaluate.stride,
+                device=self.device,
+                progress=False,
+            )
+            self.curve.rows[-1]["val_miou"] = scores["miou"]
+            self.curve.write(self.curve_path, self.bank_curve_path)
+            if self.best_val is None or scores["miou"] > self.best_val["val_miou"]:
+                self.best_val = {"val_miou": scores["miou"], "step": self.step}
+                self.save_model(self.run_dir / "best.pt")
+        distributed.barrier(self.dist)
+
+    def save_model(self, path: Path) -> None:
+        net = self.model["net"]
+        state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
+        checkpoint.save(
+            path,
+            {
+                "model_state": state,
+                "config": config_to_dict(self.config),
+                "config_hash": config_hash(self.config),
+                "class_names": list(self.data.class_names),
+                "palette": self.data.palette,
+                "step": self.step,
+            },
+        )
+
+    def fit(self, progress: bool = True) -> dict:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        train = self.config.train
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            write_text(self.run_dir / "config.yaml", dump_config(self.config))
+        bar = Progress(
+            TextColumn(f"[bold]{self.spec.name}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]:.4f} lr {task.fields[lr]:.2e} {task.fields[rate]}"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            disable=not (progress and self.dist.is_main),
+        )
+        window_start, window_steps = time.perf_counter(), 0
+        with bar:
+            task = bar.add_task(
+                "train", total=train.iterations, completed=self.step, loss=math.nan, lr=0.0, rate=""
+            )
+            while self.step < train.iterations:
+                started = time.perf_counter()
+                logs = self.train_step()
+                self.elapsed += time.perf_counter() - started
+                window_steps += 1
+                last = self.step == train.iterations
+                if self.step % train.log_every == 0 or last:
+                    now = time.perf_counter()
+                    seconds = now - window_start
+                    rate = window_steps * train.batch_labeled / seconds
+                    self.log(logs, rate)
+                    bar.update(
+                        task,
+                        completed=self.step,
+                        loss=float(logs["loss"]),
+                        lr=float(logs["lr"]),
+                        rate=f"{window_steps / seconds:.2f} it/s",
+                    )
+                    window_start, window_steps = now, 0
+                else:
+                    bar.update(task, completed=self.step)
+                if train.val_every and (self.step % train.val_every == 0 or last):
+                    self.validate()
+                if self.step % train.checkpoint_every == 0 or last:
+                    self.save_checkpoint()
+        return self.finish()
+
+    def finish(self) -> dict:
+        summary = {
+            "run": self.spec.name,
+            "method": self.spec.method,
+            "variant": self.spec.variant,
+            "family": self.spec.family,
+            "split_family": self.spec.split_family(self.config),
+            "n_labeled": self.spec.n_labeled,
+            "seed": self.spec.seed,
+            "steps": self.step,
+            "best_val": self.best_val,
+            "compute": {
+                "wall_time_s": round(self.elapsed, 3),
+                "images_per_s": round(self.images_seen / max(self.elapsed, 1e-9), 3),
+                **peak_memory(self.device),
+                "device": torch.cuda.get_device_name(self.device)
+                if self.device.type == "cuda"
+                else "cpu",
+                "world_size": self.dist.world_size,
+                "torch": torch.__version__,
+            },
+            "provenance": {
+                "git_commit": git_commit(),
+                "config_hash": config_hash(self.config),
+                "split_hash": self.data.split_hash,
+            },
+        }
+        if self.dist.is_main:
+            self.save_model(self.run_dir / "model.pt")
+            write_json(self.run_dir / "train.json", summary)
+        distributed.barrier(self.dist)
+        return summary
+
+
+def train(
+    config: Config,
+    spec: RunSpec,
+    runs_dir: Path = Path("runs"),
+    curves_dir: Path = Path("reports/curves"),
+    resume: bool = False,
+    progress: bool = True,
+) -> dict:
+    trainer = Trainer(config, spec, runs_dir, curves_dir)
+    try:
+        if resume:
+            trainer.resume()
+        elif trainer.checkpoint_path.exists() and trainer.dist.is_main:
+            trainer.checkpoint_path.unlink()
+        return trainer.fit(progress=progress)
+    finally:
+        distributed.teardown(trainer.dist)

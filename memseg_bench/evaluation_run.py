@@ -1,0 +1,113 @@
+"""The evaluate stage: score a finished run on its protocol's evaluation split and write the
+metrics JSON that the report reads."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from memseg_bench.config import Config, config_from_dict
+from memseg_bench.errors import UserError
+from memseg_bench.fileio import read_json, write_json, write_text
+from memseg_bench.runs import parse_run_name
+
+
+def protocol(config: Config, family: str) -> dict:
+    fields = {
+        "dataset": config.split.dataset or config.data.name,
+        "family": family,
+        "arch": config.model.arch,
+        "backbone": config.model.backbone,
+        "crop": config.train.crop,
+        "eval_mode": config.evaluate.mode,
+        "iterations": config.train.iterations,
+    }
+    fields["id"] = (
+        f"{fields['dataset']}/{fields['family']}/{fields['arch']}-{fields['backbone']}"
+        f"/crop{fields['crop']}/{fields['eval_mode']}/it{fields['iterations']}"
+    )
+    return fields
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _score(model_file: Path, config: Config, index, split: str, device) -> dict:
+    from memseg_bench.data.loader import SegmentationDataset
+    from memseg_bench.evaluate import evaluate_segmenter
+    from memseg_bench.models import load_segmenter
+
+    segmenter, _ = load_segmenter(model_file)
+    dataset = SegmentationDataset(
+        index,
+        split,
+        index.ids(split),
+        crop=None,
+        train=False,
+        seed=0,
+        input_scale=config.data.input_scale,
+    )
+    return evaluate_segmenter(
+        segmenter.to(device),
+        dataset,
+        len(index.class_names),
+        index.class_names,
+        mode=config.evaluate.mode,
+        window=config.evaluate.window,
+        stride=config.evaluate.stride,
+        device=device,
+    )
+
+
+def evaluate_run(run_dir: Path, metrics_dir: Path) -> dict:
+    import torch
+
+    from memseg_bench.data.datasets import open_dataset
+
+    model_file = run_dir / "model.pt"
+    if not model_file.is_file():
+        raise UserError(f"--run {run_dir}: no model.pt (train the run first)")
+    stored = torch.load(model_file, map_location="cpu", weights_only=True)
+    config = config_from_dict(stored["config"])
+    spec = parse_run_name(run_dir.name, config.split.family)
+    summary = read_json(run_dir / "train.json")
+    index = open_dataset(config.data)
+    split = config.evaluate.split
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    scores = _score(model_file, config, index, split, device)
+    best = None
+    if summary.get("best_val") and (run_dir / "best.pt").is_file():
+        best_scores = _score(run_dir / "best.pt", config, index, split, device)
+        best = {**summary["best_val"], "miou": best_scores["miou"]}
+    result = {
+        "run": spec.name,
+        "method": spec.method,
+        "variant": spec.variant,
+        "split": f"{spec.split_family(config)}/{spec.n_labeled}",
+        "family": spec.family,
+        "n_labeled": spec.n_labeled,
+        "seed": spec.seed,
+        "behaviour": config.methods.behaviour,
+        "eval_split": split,
+        "protocol": protocol(config, spec.family),
+        "miou": scores["miou"],
+        "pixel_accuracy": scores["pixel_accuracy"],
+        "mean_accuracy": scores["mean_accuracy"],
+        "per_class_iou": scores["per_class_iou"],
+        "class_names": list(index.class_names),
+        "best_val": best,
+        "compute": summary["compute"],
+        "provenance": {**summary["provenance"], "checkpoint_hash": _sha256(model_file)},
+    }
+    write_json(metrics_dir / f"{spec.name}.json", result)
+    lines = ["class,iou"] + [
+        f"{name},{'' if value is None else f'{value:.6f}'}"
+        for name, value in scores["per_class_iou"].items()
+    ]
+    write_text(metrics_dir / f"{spec.name}.per_class.csv", "\n".join(lines) + "\n")
+    return result

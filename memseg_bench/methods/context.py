@@ -1,0 +1,62 @@
+"""What a method step sees: the models, the memory bank and the settings of one run."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from memseg_bench.config import Config, is_official
+from memseg_bench.timing import PhaseTimer
+
+
+@dataclass
+class StepContext:
+    config: Config
+    method: str
+    num_classes: int
+    n_labeled: int
+    model: nn.ModuleDict  # "net": the segmenter, "heads": projection/prediction/selectors (memseg)
+    teacher: nn.ModuleDict | None
+    bank: dict | None
+    generator: torch.Generator  # augmentation randomness, on the training device
+    # Small running state saved in checkpoints (e.g. class counts for class weighting).
+    extra_state: dict = field(default_factory=dict)
+    # Concatenates per-rank candidate rows in rank order (identity in a single process).
+    gather: Callable[[list], list] = lambda tensors: tensors
+    timer: PhaseTimer = field(default_factory=PhaseTimer)
+
+    @property
+    def official(self) -> bool:
+        return is_official(self.config)
+
+
+def labels_at(labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Nearest-neighbour resize of (B, H, W) class labels to `size`."""
+    if tuple(labels.shape[-2:]) == tuple(size):
+        return labels
+    resized = F.interpolate(labels[:, None].float(), size=size, mode="nearest")
+    return resized[:, 0].long()
+
+
+def upsampled(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    if tuple(logits.shape[-2:]) == tuple(size):
+        return logits
+    return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+
+
+@torch.no_grad()
+def teacher_forward(ctx: StepContext, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher logits and features; `official` keeps the teacher in train mode (batch statistics)."""
+    teacher = ctx.teacher
+    assert teacher is not None
+    teacher.train(ctx.official)
+    return teacher["net"](images)
+
+
+def flatten_pixels(features: torch.Tensor) -> torch.Tensor:
+    """(B, D, h, w) -> (B*h*w, D)."""
+    return features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])

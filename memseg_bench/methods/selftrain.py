@@ -1,0 +1,114 @@
+"""Self-training baseline: EMA teacher pseudo-labels, two strong ClassMix views, p^power-weighted CE,
+entropy term. The full method minus the memory bank and the contrastive loss."""
+
+from __future__ import annotations
+
+import torch
+
+from memseg_bench.data.augment import augment, classmix
+from memseg_bench.methods.context import StepContext, teacher_forward, upsampled
+from memseg_bench.methods.losses import (
+    class_weights_from_counts,
+    entropy_loss,
+    pseudo_label_ce,
+    ramp,
+    supervised_ce,
+)
+from memseg_bench.methods.supervised import augment_labeled
+
+
+@torch.no_grad()
+def pseudo_labels(ctx: StepContext, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher confidence and argmax on the un-augmented unlabeled crops, at crop size."""
+    logits, _ = teacher_forward(ctx, images)
+    probs = torch.softmax(upsampled(logits.float(), images.shape[-2:]), dim=1)
+    confidence, labels = probs.max(dim=1)
+    return confidence, labels
+
+
+def strong_views(ctx: StepContext, images, labels, confidence, step: int):
+    """Two independently augmented views of every unlabeled image (image, pseudo-label, p together)."""
+    settings = ctx.config.train.augment
+    selftrain = ctx.config.methods.selftrain
+    per_image = not ctx.official
+    images, labels, confidence = (torch.cat([t, t]) for t in (images, labels, confidence))
+    mix_prob = settings.unlabeled.classmix_prob if step >= selftrain.ramp_iterations else 0.0
+    images, labels, confidence = classmix(
+        images,
+        labels,
+        confidence,
+        prob=mix_prob,
+        generator=ctx.generator,
+        num_classes=ctx.num_classes,
+        drop_background=selftrain.classmix_drop_background,
+        per_image=per_image,
+    )
+    return augment(
+        images,
+        labels,
+        confidence,
+        side=settings.unlabeled,
+        scale_range=settings.scale_range,
+        blur_sigma=settings.blur_sigma,
+        generator=ctx.generator,
+        per_image=per_image,
+    )
+
+
+def _class_weights(ctx: StepContext, labels: torch.Tensor, pseudo: torch.Tensor, step: int):
+    """Cityscapes weighting from GT and recent pseudo-label counts, used after contrastive_start."""
+    if not ctx.config.methods.selftrain.class_weights:
+        return None
+    counts = sum(
+        torch.bincount(t[t != 255].flatten(), minlength=ctx.num_classes)[: ctx.num_classes]
+        for t in (labels, pseudo)
+    ).float()
+    previous = ctx.extra_state.get("class_counts")
+    counts = counts if previous is None else 0.99 * previous + counts
+    ctx.extra_state["class_counts"] = counts
+    if step < ctx.config.methods.memseg.contrastive_start:
+        return None
+    return class_weights_from_counts(counts)
+
+
+def forward(ctx: StepContext, labeled: dict, unlabeled: dict, step: int):
+    """Shared by selftrain and memseg: returns the loss terms and what the memory method needs."""
+    selftrain = ctx.config.methods.selftrain
+    with ctx.timer("teacher_forward"):
+        confidence, pseudo = pseudo_labels(ctx, unlabeled["image"])
+    with ctx.timer("augment"):
+        labeled_images, labeled_labels = augment_labeled(ctx, labeled)
+        view_images, view_labels, view_confidence = strong_views(
+            ctx, unlabeled["image"], pseudo, confidence, step
+        )
+    n_labeled = labeled_images.shape[0]
+    with ctx.timer("student_forward"):
+        logits, features = ctx.model["net"](torch.cat([labeled_images, view_images]))
+        weights = _class_weights(ctx, labeled_labels, view_labels, step)
+        view_logits = logits[n_labeled:]
+        terms = {
+            "sup": supervised_ce(logits[:n_labeled], labeled_labels, class_weights=weights),
+            "pseudo": ramp(step, selftrain.ramp_iterations)
+            * pseudo_label_ce(
+                view_logits,
+                view_labels,
+                view_confidence,
+                power=selftrain.pseudo_power,
+                class_weights=weights,
+            ),
+            "ent": selftrain.entropy_weight
+            * entropy_loss(upsampled(view_logits, view_labels.shape[-2:]), official=ctx.official),
+        }
+    extras = {
+        "labeled_images": labeled_images,
+        "labeled_labels": labeled_labels,
+        "labeled_features": features[:n_labeled],
+        "view_features": features[n_labeled:],
+        "view_labels": view_labels,
+    }
+    return terms, extras
+
+
+def losses(ctx: StepContext, labeled: dict, unlabeled: dict | None, step: int):
+    assert unlabeled is not None
+    return forward(ctx, labeled, unlabeled, step)

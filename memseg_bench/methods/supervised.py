@@ -1,0 +1,45 @@
+"""Supervised baseline: weakly augmented labeled batch, cross-entropy."""
+
+from __future__ import annotations
+
+import torch
+
+from memseg_bench.data.augment import augment, classmix
+from memseg_bench.methods.context import StepContext
+from memseg_bench.methods.losses import supervised_ce
+
+
+def augment_labeled(ctx: StepContext, labeled: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """ClassMix with the ground truth, then scale / flip / weak colour jitter."""
+    settings = ctx.config.train.augment
+    per_image = not ctx.official
+    images, labels, _ = classmix(
+        labeled["image"],
+        labeled["label"],
+        None,
+        prob=settings.labeled.classmix_prob,
+        generator=ctx.generator,
+        num_classes=ctx.num_classes,
+        drop_background=ctx.config.methods.selftrain.classmix_drop_background,
+        per_image=per_image,
+    )
+    images, labels, _ = augment(
+        images,
+        labels,
+        None,
+        side=settings.labeled,
+        scale_range=settings.scale_range,
+        blur_sigma=settings.blur_sigma,
+        generator=ctx.generator,
+        per_image=per_image,
+    )
+    return images, labels
+
+
+def losses(ctx: StepContext, labeled: dict, unlabeled: dict | None, step: int):
+    with ctx.timer("augment"):
+        images, labels = augment_labeled(ctx, labeled)
+    with ctx.timer("student_forward"):
+        logits, _ = ctx.model["net"](images)
+        terms = {"sup": supervised_ce(logits, labels)}
+    return terms, {"labeled_images": images, "labeled_labels": labels}

@@ -1,0 +1,101 @@
+"""The prepare stage: make the dataset available (generate the embedded one) and verify that
+every split of the sweep matches its manifest and the dataset on disk."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from memseg_bench.config import Config
+from memseg_bench.errors import UserError
+from memseg_bench.fileio import write_json
+
+SPLITS_ROOT = Path("splits")
+PREPARED = Path("data/prepared.json")
+
+
+def split_dataset_name(config: Config) -> str:
+    return config.split.dataset or config.data.name
+
+
+def _dataset(config: Config):
+    from memseg_bench.data.datasets import open_dataset
+    from memseg_bench.data.synthetic import generate_synthetic
+
+    if config.data.name == "synthetic":
+        generate_synthetic(Path(config.data.root), config.data.synthetic)
+    return open_dataset(config.data)
+
+
+def sweep_splits(config: Config) -> list[tuple[str, int]]:
+    """Every (split folder, label count) that a run of the sweep trains on."""
+    from memseg_bench.runs import RunSpec
+
+    runs = [(n, seed) for n in config.sweep.n_labeled for seed in config.sweep.seeds]
+    runs += [(config.sweep.full_n_labeled, seed) for seed in config.sweep.full_seeds]
+    runs += [(config.sweep.ablation_n_labeled, seed) for seed in config.sweep.ablation_seeds]
+    selected = []
+    for n_labeled, seed in runs:
+        family = RunSpec("supervised", config.split.family, n_labeled, seed).split_family(config)
+        if (family, n_labeled) not in selected:
+            selected.append((family, n_labeled))
+    return selected
+
+
+def prepare(config: Config, prepared_path: Path = PREPARED) -> dict:
+    from memseg_bench.data.splits import load_split, verify_against_dataset
+
+    index = _dataset(config)
+    train_ids = index.ids("train")
+    dataset = split_dataset_name(config)
+    verified = {}
+    for family, n_labeled in sweep_splits(config):
+        selector = f"{family}/{n_labeled}"
+        labeled, unlabeled = load_split(SPLITS_ROOT, dataset, family, n_labeled)
+        where = SPLITS_ROOT / dataset / family / str(n_labeled)
+        verify_against_dataset(labeled, unlabeled, train_ids, where)
+        for split_id in labeled[:1] + unlabeled[:1]:
+            for path in index.paths("train", split_id):
+                if not Path(path).is_file():
+                    raise UserError(f"{where}: image or label of {split_id!r} not found: {path}")
+        verified[selector] = {"labeled": len(labeled), "unlabeled": len(unlabeled)}
+    listing = hashlib.sha256()
+    for split in ("train", "val", "test"):
+        for item in index.ids(split) if _has_split(index, split) else []:
+            listing.update(f"{split}/{item}\n".encode())
+    summary = {
+        "dataset": index.name,
+        "root": str(config.data.root),
+        "classes": list(index.class_names),
+        "images": {s: len(index.ids(s)) for s in ("train", "val", "test") if _has_split(index, s)},
+        "index_sha256": listing.hexdigest(),
+        "splits": verified,
+    }
+    write_json(prepared_path, summary)
+    return summary
+
+
+def _has_split(index, split: str) -> bool:
+    try:
+        return len(index.ids(split)) > 0
+    except UserError:
+        return False
+
+
+def draw_family(config: Config, family: str, n_labeled: list[int], seed: int) -> None:
+    from memseg_bench.data.splits import draw_split, write_family
+
+    index = _dataset(config)
+    train_ids = sorted(index.ids("train"))
+    for n in n_labeled:
+        if not 0 < n <= len(train_ids):
+            raise UserError(f"--n {n} is outside 1..{len(train_ids)} (train images)")
+    draws = {n: draw_split(train_ids, n, seed) for n in n_labeled}
+    write_family(
+        SPLITS_ROOT,
+        split_dataset_name(config),
+        family,
+        draws,
+        f"{family}: drawn by `memseg splits draw` from the {len(train_ids)} sorted train ids "
+        f"with numpy.random.default_rng({seed}).permutation",
+    )

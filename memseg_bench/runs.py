@@ -1,0 +1,98 @@
+"""Run identity (method, variant, split, seed), seeding and the facts recorded with every run."""
+
+from __future__ import annotations
+
+import random
+import resource
+import subprocess
+from dataclasses import dataclass
+
+from memseg_bench.errors import UserError
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    method: str
+    family: str  # the protocol's split family, e.g. "random"
+    n_labeled: int
+    seed: int
+    variant: str | None = None  # memseg ablation
+
+    @property
+    def name(self) -> str:
+        method = self.method if self.variant is None else f"{self.method}+{self.variant}"
+        return f"{method}-n{self.n_labeled}-s{self.seed}"
+
+    def split_family(self, config) -> str:
+        """The folder of the split this run trains on (draw `seed` when the family has draws)."""
+        suffix = config.split.seed_suffix
+        return self.family if suffix is None else self.family + suffix.format(seed=self.seed)
+
+
+def make_spec(
+    method: str, family: str, n_labeled: int, seed: int, variant: str | None = None
+) -> RunSpec:
+    from memseg_bench.methods import ABLATIONS, METHODS
+
+    if method not in METHODS:
+        raise UserError(f"--method must be one of {sorted(METHODS)}, got {method!r}")
+    if variant is not None and (method != "memseg" or variant not in ABLATIONS):
+        raise UserError(f"--variant must be one of {sorted(ABLATIONS)} with --method memseg")
+    if n_labeled <= 0:
+        raise UserError(f"--n-labeled must be positive, got {n_labeled}")
+    if not family or "-" in family or "/" in family:
+        raise UserError(f"split.family must be a folder name without '-' or '/', got {family!r}")
+    return RunSpec(method, family, n_labeled, seed, variant)
+
+
+def parse_run_name(name: str, family: str) -> RunSpec:
+    try:
+        method_part, n_labeled, seed = name.split("-")
+        method, _, variant = method_part.partition("+")
+        return RunSpec(method, family, int(n_labeled[1:]), int(seed[1:]), variant or None)
+    except ValueError:
+        raise UserError(f"not a run name: {name!r} (expected METHOD-nN-sSEED)") from None
+
+
+def config_for_run(config, spec: RunSpec):
+    """The run's configuration: an ablation variant switches its memseg components off."""
+    import dataclasses
+
+    from memseg_bench.methods import ABLATIONS
+
+    if spec.variant is None:
+        return config
+    memseg = dataclasses.replace(config.methods.memseg, **ABLATIONS[spec.variant])
+    methods = dataclasses.replace(config.methods, memseg=memseg)
+    return dataclasses.replace(config, methods=methods)
+
+
+def seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
+        )
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def peak_memory(device) -> dict:
+    import torch
+
+    if device.type == "cuda":
+        return {
+            "peak_memory_mb": round(torch.cuda.max_memory_allocated(device) / 2**20, 1),
+            "memory_kind": "cuda_max_allocated",
+        }
+    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"peak_memory_mb": round(rss_kb / 1024, 1), "memory_kind": "cpu_rss"}

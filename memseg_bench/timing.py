@@ -1,0 +1,37 @@
+"""Per-phase wall-clock timing of a training step (synchronising the device at phase edges).
+Disabled by default: then it costs nothing and never synchronises."""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+
+import torch
+
+
+class PhaseTimer:
+    def __init__(self, device: torch.device | None = None, enabled: bool = False):
+        self.device = device
+        self.enabled = enabled
+        self.totals: dict[str, float] = defaultdict(float)
+
+    def _sync(self) -> None:
+        if self.device is not None and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @contextmanager
+    def __call__(self, name: str):
+        if not self.enabled:
+            yield
+            return
+        self._sync()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._sync()
+            self.totals[name] += time.perf_counter() - start
+
+    def reset(self) -> None:
+        self.totals.clear()
