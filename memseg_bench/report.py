@@ -1,0 +1,507 @@
+"""Result tables from a folder of metrics JSON files (one per run), the way papers print them.
+
+One table per protocol (dataset + split family + model + crop + eval mode + schedule): cells of
+different protocols are never mixed. Cells are mean +- sample std over seeds with n shown; quoted
+paper numbers sit in their own labelled block. Every call recomputes everything from the files
+and returns a summary with the numbers and the runs behind every cell.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import statistics
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from memseg_bench.errors import UserError
+from memseg_bench.fileio import read_json, write_text
+from memseg_bench.reported import reported_for
+
+DEFAULT_ORDER = ("supervised", "selftrain", "memseg")
+TABLE_KINDS = ("main", "ablation", "per_class", "last_vs_best", "compute")
+_STALE = re.compile(r"^(" + "|".join(TABLE_KINDS) + r")(_.+)?\.(md|csv|tex)$")
+
+_KEYS = {
+    "": ("run", "method", "variant", "split", "family", "n_labeled", "seed", "behaviour",
+         "eval_split", "protocol", "miou", "pixel_accuracy", "mean_accuracy", "per_class_iou",
+         "class_names", "best_val", "compute", "provenance"),
+    "protocol": ("id", "dataset", "family", "arch", "backbone", "crop", "eval_mode",
+                 "iterations"),
+    "compute": ("wall_time_s", "images_per_s", "peak_memory_mb", "memory_kind", "device",
+                "torch"),
+}  # fmt: skip
+
+
+class ProtocolMixError(ValueError):
+    """Raised when a table would hold runs of more than one protocol."""
+
+
+# -- loading -------------------------------------------------------------------------------------
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check(path: Path, data: object) -> dict:
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    for section, keys in _KEYS.items():
+        block = data if not section else data.get(section)
+        if not isinstance(block, dict):
+            raise UserError(f"{path}: '{section}' must be an object")
+        for key in keys:
+            if key not in block:
+                raise UserError(f"{path}: missing key '{section + '.' if section else ''}{key}'")
+    problems = {
+        "miou": not (_is_number(data["miou"]) and 0 <= data["miou"] <= 1),
+        "n_labeled": not isinstance(data["n_labeled"], int) or isinstance(data["n_labeled"], bool),
+        "seed": not isinstance(data["seed"], int) or isinstance(data["seed"], bool),
+        "variant": data["variant"] is not None and not isinstance(data["variant"], str),
+        "per_class_iou": not isinstance(data["per_class_iou"], dict)
+        or not all(v is None or _is_number(v) for v in data["per_class_iou"].values()),
+        "behaviour": not isinstance(data["behaviour"], str),
+        "class_names": not isinstance(data["class_names"], list),
+        "best_val": data["best_val"] is not None
+        and not (isinstance(data["best_val"], dict) and _is_number(data["best_val"].get("miou"))),
+        "protocol.id": not isinstance(data["protocol"]["id"], str),
+        **{
+            f"compute.{key}": not _is_number(data["compute"][key])
+            for key in ("wall_time_s", "images_per_s", "peak_memory_mb")
+        },
+    }
+    for key, bad in problems.items():
+        if bad:
+            raise UserError(f"{path}: key '{key}' has an invalid value")
+    return {**data, "_file": str(path)}
+
+
+def load_metrics(metrics_dir: str | Path) -> list[dict]:
+    """Every metrics JSON of the folder, checked; UserError naming the folder or the file."""
+    metrics_dir = Path(metrics_dir)
+    if not metrics_dir.is_dir():
+        raise UserError(f"metrics folder not found: {metrics_dir}")
+    paths = sorted(metrics_dir.glob("*.json"))
+    if not paths:
+        raise UserError(f"metrics folder {metrics_dir} holds no metrics JSON files")
+    records = [_check(path, read_json(path)) for path in paths]
+    seen: dict[tuple, str] = {}
+    for record in records:
+        key = (record["protocol"]["id"], record["run"])
+        if key in seen:
+            raise UserError(f"{record['_file']}: run {record['run']} also in {seen[key]}")
+        seen[key] = record["_file"]
+    return records
+
+
+def group_by_protocol(records: Iterable[dict]) -> dict[str, list[dict]]:
+    """Runs per protocol id, in id order; runs of one protocol must agree on its description,
+    the evaluation split and the class names."""
+    groups: dict[str, list[dict]] = {}
+    for record in records:
+        groups.setdefault(record["protocol"]["id"], []).append(record)
+    for pid, group in groups.items():
+        first = group[0]
+        for record in group[1:]:
+            for key in ("protocol", "eval_split", "class_names"):
+                if record[key] != first[key]:
+                    raise UserError(
+                        f"{record['_file']}: '{key}' differs from {first['_file']} "
+                        f"within protocol {pid}"
+                    )
+    return dict(sorted(groups.items()))
+
+
+def single_protocol(records: Sequence[dict]) -> str:
+    """The one protocol id of `records`; refuses (ProtocolMixError) to put two in one table."""
+    ids = sorted({record["protocol"]["id"] for record in records})
+    if len(ids) != 1:
+        raise ProtocolMixError(f"refusing to mix protocols in one table: {ids}")
+    return ids[0]
+
+
+def protocol_slug(pid: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.+-]+", "_", pid).strip("_")
+
+
+# -- writers: Markdown, CSV, LaTeX booktabs ------------------------------------------------------
+
+
+@dataclass
+class Table:
+    title: str
+    header: list[str]
+    # (block title or None, rows); a titled block is set apart and labelled in every format.
+    blocks: list[tuple[str | None, list[list[str]]]]
+    notes: list[str] = field(default_factory=list)
+
+
+def _right_aligned(table: Table) -> list[bool]:
+    """Columns of numbers align right; the first column and text columns align left."""
+    rows = [row for _, block in table.blocks for row in block]
+
+    def numeric(cell: str) -> bool:
+        return cell[:1].isdigit() or cell[:2].lstrip("+-–")[:1].isdigit() or cell in ("–", "")
+
+    return [False] + [all(numeric(row[i]) for row in rows) for i in range(1, len(table.header))]
+
+
+def to_markdown(table: Table) -> str:
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+    rule = ["---:" if right else "---" for right in _right_aligned(table)]
+    out = [f"### {table.title}", "", line(table.header), "|" + "|".join(rule) + "|"]
+    width = len(table.header)
+    for title, rows in table.blocks:
+        if title:
+            out.append(line([f"*{title}*"] + [""] * (width - 1)))
+        out += [line(row) for row in rows]
+    return "\n".join(out + [""] + table.notes) + "\n"
+
+
+def to_csv(table: Table) -> str:
+    import csv
+    import io
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["section", *table.header])
+    for title, rows in table.blocks:
+        writer.writerows([title or "measured", *row] for row in rows)
+    return buffer.getvalue()
+
+
+_TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+        "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+        "±": r"$\pm$", "†": r"$^\dagger$", "−": r"$-$", "Δ": r"$\Delta$", "–": "--",
+        "`": ""}  # fmt: skip
+
+
+def tex_escape(text: str) -> str:
+    return "".join(_TEX.get(char, char) for char in text)
+
+
+def to_latex(table: Table) -> str:
+    width = len(table.header)
+    out = [
+        r"\begin{table}[t]",
+        r"\centering",
+        r"\caption{" + tex_escape(table.title + ". " + " ".join(table.notes)) + "}",
+        r"\begin{tabular}{" + "".join("r" if r else "l" for r in _right_aligned(table)) + "}",
+        r"\toprule",
+        " & ".join(tex_escape(c) for c in table.header) + r" \\",
+    ]
+    for title, rows in table.blocks:
+        out.append(r"\midrule")
+        if title:
+            out.append(rf"\multicolumn{{{width}}}{{l}}{{\emph{{{tex_escape(title)}}}}} \\")
+        out += [" & ".join(tex_escape(c) for c in row) + r" \\" for row in rows]
+    out += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
+    return "\n".join(out) + "\n"
+
+
+def write_table(table: Table, stem: Path) -> list[str]:
+    """Write stem.md, stem.csv and stem.tex; return the file names."""
+    names = []
+    for suffix, render in ((".md", to_markdown), (".csv", to_csv), (".tex", to_latex)):
+        write_text(stem.parent / (stem.name + suffix), render(table))
+        names.append(stem.name + suffix)
+    return names
+
+
+# -- cells ---------------------------------------------------------------------------------------
+
+
+def row_label(record: dict) -> str:
+    label = (
+        record["method"] if record["variant"] is None else f"{record['method']}+{record['variant']}"
+    )
+    return label if record["behaviour"] == "paper" else f"{label} ({record['behaviour']})"
+
+
+def _order(methods_order: Sequence[str]):
+    def key(record: dict) -> tuple:
+        method = record["method"]
+        rank = methods_order.index(method) if method in methods_order else len(methods_order)
+        return (rank, method, record["behaviour"] != "paper", record["behaviour"],
+                record["variant"] is not None, record["variant"] or "")  # fmt: skip
+
+    return key
+
+
+def _labels(records: Sequence[dict], methods_order: Sequence[str]) -> list[str]:
+    labels: list[str] = []
+    for record in sorted(records, key=_order(methods_order)):
+        if row_label(record) not in labels:
+            labels.append(row_label(record))
+    return labels
+
+
+def stats(values: Sequence[float], runs: Sequence[str]) -> dict:
+    """Mean and sample std (ddof 1; None for one value) with the values and runs behind them."""
+    values = list(values)
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else None,
+        "n": len(values),
+        "values": values,
+        "runs": list(runs),
+    }
+
+
+def format_cell(cell: dict | None) -> str:
+    if cell is None:
+        return "–"
+    if cell["std"] is None:
+        return f"{cell['mean']:.1f} (n={cell['n']})"
+    return f"{cell['mean']:.1f} ± {cell['std']:.1f} (n={cell['n']})"
+
+
+def _signed(value: float | None) -> str:
+    return "–" if value is None else f"{value:+.1f}"
+
+
+def _cell(records: Sequence[dict], value) -> dict | None:
+    pairs = [(value(r), r["run"]) for r in sorted(records, key=lambda r: r["seed"])]
+    pairs = [(v, run) for v, run in pairs if v is not None]
+    return stats([v for v, _ in pairs], [run for _, run in pairs]) if pairs else None
+
+
+def _miou(record: dict) -> float:
+    return 100.0 * record["miou"]
+
+
+def _cells(records: Sequence[dict], methods_order: Sequence[str], value=_miou) -> dict:
+    """{row label: {n_labeled: cell}} over the given runs."""
+    out: dict[str, dict[int, dict]] = {}
+    for label in _labels(records, methods_order):
+        mine = [r for r in records if row_label(r) == label]
+        for n in sorted({r["n_labeled"] for r in mine}):
+            cell = _cell([r for r in mine if r["n_labeled"] == n], value)
+            if cell is not None:
+                out.setdefault(label, {})[n] = cell
+    return out
+
+
+def _caption(pid: str, records: Sequence[dict]) -> str:
+    return f"protocol `{pid}`, mIoU (%) on the {records[0]['eval_split']} split"
+
+
+# -- tables --------------------------------------------------------------------------------------
+
+
+def main_table(records: Sequence[dict], methods_order: Sequence[str] = DEFAULT_ORDER):
+    """Methods x label counts (last iterate), gain over supervised, quoted paper numbers."""
+    pid = single_protocol(records)
+    proto = records[0]["protocol"]
+    full = [r for r in records if r["variant"] is None]
+    counts = sorted({r["n_labeled"] for r in full})
+    cells = _cells(full, methods_order)
+    header = ["method"] + [f"{n} labeled" for n in counts]
+    measured = [[label] + [format_cell(row.get(n)) for n in counts] for label, row in cells.items()]
+    gains: dict[str, dict[int, dict]] = {}
+    gain_rows = []
+    for label, row in cells.items():
+        method = label.split(" (")[0]
+        behaviour = label[len(method) :]
+        base = cells.get("supervised" + behaviour) or cells.get("supervised")
+        if method == "supervised" or base is None:
+            continue
+        for n in counts:
+            if n in row and n in base:
+                gains.setdefault(label, {})[n] = {
+                    "value": row[n]["mean"] - base[n]["mean"],
+                    "runs": row[n]["runs"],
+                    "supervised_runs": base[n]["runs"],
+                }
+        gain_rows.append(
+            [f"{label} − supervised"]
+            + [_signed(gains.get(label, {}).get(n, {}).get("value")) for n in counts]
+        )
+    quoted = reported_for(proto["dataset"], proto["arch"], proto["backbone"], counts)
+    quoted_rows = []
+    for method in dict.fromkeys(entry["method"] for entry in quoted):
+        by_n = {e["n_labeled"]: e["miou"] for e in quoted if e["method"] == method}
+        quoted_rows.append(
+            [f"{method} (reported)"] + [f"{by_n[n]:g}" if n in by_n else "" for n in counts]
+        )
+    blocks = [(None, measured)]
+    if gain_rows:
+        blocks.append(("gain over supervised (points)", gain_rows))
+    notes = [
+        f"Last iterate; mean ± sample std over seeds (n runs); {_caption(pid, records)}.",
+    ]
+    if quoted_rows:
+        blocks.append(("reported in the paper (quoted, not measured here)", quoted_rows))
+        notes.append(
+            "Reported rows are quoted from the paper (METHOD.md section 8): best val mIoU over "
+            "training, under the authors' own setup; they are not measurements of this code."
+        )
+    table = Table(f"Main results: {pid}", header, blocks, notes)
+    return table, {"cells": cells, "gain": gains, "reported": quoted}
+
+
+def ablation_table(records: Sequence[dict], methods_order: Sequence[str] = DEFAULT_ORDER):
+    """Variants and their full method at the smallest label count that has variants; None when
+    the protocol has no variant runs."""
+    single_protocol(records)
+    variants = [r for r in records if r["variant"] is not None]
+    if not variants:
+        return None, None
+    n = min(r["n_labeled"] for r in variants)
+    at_n = [r for r in records if r["n_labeled"] == n]
+    groups = sorted({(r["method"], r["behaviour"]) for r in variants})
+    rows, summary = [], {}
+    for method, behaviour in groups:
+        mine = [r for r in at_n if r["method"] == method and r["behaviour"] == behaviour]
+        full = {r["seed"]: _miou(r) for r in mine if r["variant"] is None}
+        for label in _labels(mine, methods_order):
+            runs = [r for r in mine if row_label(r) == label]
+            cell = _cell(runs, _miou)
+            paired = [_miou(r) - full[r["seed"]] for r in runs if r["seed"] in full]
+            is_full = runs[0]["variant"] is None
+            delta = None if is_full or not paired else statistics.fmean(paired)
+            summary[label] = {"cell": cell, "delta_same_seeds": delta, "paired_n": len(paired)}
+            shown = "(full method)" if is_full else f"{_signed(delta)} (n={len(paired)})"
+            rows.append([label, format_cell(cell), shown if is_full or paired else "–"])
+    pid = records[0]["protocol"]["id"]
+    notes = [
+        f"{n} labeled images, last iterate; {_caption(pid, records)}; Δ = variant − full method "
+        "over the seeds both have."
+    ]
+    header = ["variant", "mIoU (%)", "Δ vs full (same seeds)"]
+    return Table(f"Ablations: {pid}", header, [(None, rows)], notes), {"n_labeled": n, **summary}
+
+
+def per_class_table(records: Sequence[dict], methods_order: Sequence[str] = DEFAULT_ORDER):
+    pid = single_protocol(records)
+    names = list(records[0]["class_names"])
+    rows, summary = [], {}
+    for label in _labels(records, methods_order):
+        mine = [r for r in records if row_label(r) == label]
+        for n in sorted({r["n_labeled"] for r in mine}):
+            runs = [r for r in mine if r["n_labeled"] == n]
+            cells = {}
+            for name in names:
+
+                def value(r, name=name):
+                    v = r["per_class_iou"].get(name)
+                    return None if v is None else 100.0 * v
+
+                cells[name] = _cell(runs, value)
+            cells["mIoU"] = _cell(runs, _miou)
+            summary.setdefault(label, {})[n] = cells
+            shown = ["–" if c is None else f"{c['mean']:.1f}" for c in cells.values()]
+            rows.append([label, str(n), *shown])
+    notes = [f"IoU (%) per class, mean over seeds, last iterate; {_caption(pid, records)}."]
+    header = ["method", "labeled", *names, "mIoU"]
+    return Table(f"Per-class IoU: {pid}", header, [(None, rows)], notes), summary
+
+
+def last_vs_best_table(records: Sequence[dict], methods_order: Sequence[str] = DEFAULT_ORDER):
+    pid = single_protocol(records)
+    rows, summary = [], {}
+    for label, by_n in _cells(records, methods_order).items():
+        for n, last in by_n.items():
+            runs = [r for r in records if row_label(r) == label and r["n_labeled"] == n]
+            with_best = [r for r in runs if r["best_val"] is not None]
+            best = _cell(with_best, lambda r: 100.0 * r["best_val"]["miou"])
+            gap = _cell(with_best, lambda r: 100.0 * (r["best_val"]["miou"] - r["miou"]))
+            summary.setdefault(label, {})[n] = {"last": last, "best_on_val": best, "gap": gap}
+            gap_text = "–" if gap is None else f"{gap['mean']:+.1f} (n={gap['n']})"
+            rows.append([label, str(n), format_cell(last), format_cell(best), gap_text])
+    notes = [
+        f"{_caption(pid, records)}. † Secondary: the checkpoint with the best validation mIoU "
+        "during training, scored on the same split; choosing it on val makes it optimistic.",
+    ]
+    header = ["method", "labeled", "last iterate", "best on val †", "gap (best − last)"]
+    return Table(f"Last iterate vs best on val: {pid}", header, [(None, rows)], notes), summary
+
+
+def _joined(values: Iterable) -> str:
+    return ", ".join(sorted({str(v) for v in values}))
+
+
+def compute_table(records: Sequence[dict], methods_order: Sequence[str] = DEFAULT_ORDER):
+    pid = single_protocol(records)
+    rows, summary = [], {}
+    for label in _labels(records, methods_order):
+        mine = [r for r in records if row_label(r) == label]
+        for n in sorted({r["n_labeled"] for r in mine}):
+            runs = sorted((r for r in mine if r["n_labeled"] == n), key=lambda r: r["seed"])
+            comp = [r["compute"] for r in runs]
+            entry = {
+                "runs": [r["run"] for r in runs],
+                "wall_time_s": statistics.fmean(c["wall_time_s"] for c in comp),
+                "images_per_s": statistics.fmean(c["images_per_s"] for c in comp),
+                "peak_memory_mb": max(c["peak_memory_mb"] for c in comp),
+                "memory_kind": _joined(c["memory_kind"] for c in comp),
+                "device": _joined(c["device"] for c in comp),
+                "torch": _joined(c["torch"] for c in comp),
+            }
+            summary.setdefault(label, {})[n] = entry
+            rows.append([label, str(n), str(len(runs)), f"{entry['wall_time_s']:.1f}",
+                         f"{entry['images_per_s']:.1f}", f"{entry['peak_memory_mb']:.0f}",
+                         entry["memory_kind"], entry["device"], entry["torch"]])  # fmt: skip
+    header = ["method", "labeled", "runs", "train wall time (s, mean)", "images/s (mean)",
+              "peak memory (MB, max)", "memory kind", "device", "torch"]  # fmt: skip
+    notes = [f"Training cost per run; protocol `{pid}`."]
+    return Table(f"Compute: {pid}", header, [(None, rows)], notes), summary
+
+
+# -- the report ----------------------------------------------------------------------------------
+
+_BUILDERS = {
+    "main": main_table,
+    "ablation": ablation_table,
+    "per_class": per_class_table,
+    "last_vs_best": last_vs_best_table,
+    "compute": compute_table,
+}
+
+
+def build_report(
+    metrics_dir: str | Path,
+    out_dir: str | Path,
+    methods_order: Sequence[str] = DEFAULT_ORDER,
+) -> dict:
+    """Write every table of every protocol (md, csv, tex) under `out_dir`, plus main.* for the
+    protocol with the most runs; remove table files of earlier calls that were not rewritten.
+    Returns the summary: per protocol its description, runs, every cell's numbers and runs."""
+    records = load_metrics(metrics_dir)
+    groups = group_by_protocol(records)
+    out_dir = Path(out_dir)
+    written: list[str] = []
+    protocols = {}
+    for pid, group in groups.items():
+        slug = protocol_slug(pid)
+        entry = {
+            "protocol": group[0]["protocol"],
+            "eval_split": group[0]["eval_split"],
+            "runs": sorted(r["run"] for r in group),
+            "tables": {},
+        }
+        for kind, builder in _BUILDERS.items():
+            table, data = builder(group, methods_order)
+            if table is None:
+                continue
+            written += write_table(table, out_dir / f"{kind}_{slug}")
+            entry["tables"][kind] = {"file": f"{kind}_{slug}", **data}
+        protocols[pid] = entry
+    default = sorted(groups, key=lambda pid: (-len(groups[pid]), pid))[0]
+    main, _ = main_table(groups[default], methods_order)
+    written += write_table(main, out_dir / "main")
+    for path in out_dir.iterdir():
+        if _STALE.match(path.name) and path.name not in written:
+            path.unlink()
+    return {
+        "unit": "mIoU in percent (0-100); cells are mean and sample std over seeds",
+        "metrics_dir": str(metrics_dir),
+        "num_runs": len(records),
+        "default_protocol": default,
+        "files": sorted(written),
+        "protocols": protocols,
+    }

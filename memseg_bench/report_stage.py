@@ -1,0 +1,80 @@
+"""The report stage: tables from the metrics of finished runs, figures from their curves and
+models, and reports/summary.json. Nothing is cached: every number is recomputed from the files."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from memseg_bench.config import Config
+from memseg_bench.errors import UserError
+from memseg_bench.fileio import write_json, write_text
+
+README_BLOCK = re.compile(r"(<!-- results:start -->\n)(.*?)(<!-- results:end -->)", re.S)
+
+
+def grid_rows(config: Config, runs_dir: Path) -> tuple[list[dict], list[str], list]:
+    """Fixed evaluation images with the ground truth and the seed-0 prediction of every method
+    at the smallest label count."""
+    import torch
+
+    from memseg_bench.data.datasets import load_sample, open_dataset
+    from memseg_bench.evaluate import logits_for_image
+    from memseg_bench.models import load_segmenter
+
+    index = open_dataset(config.data)
+    split = config.evaluate.split
+    ids = index.ids(split)[: config.report.grid_images]
+    n_labeled = min(config.sweep.n_labeled)
+    seed = config.sweep.seeds[0]
+    models = {}
+    for method in config.sweep.methods:
+        model_file = runs_dir / f"{method}-n{n_labeled}-s{seed}" / "model.pt"
+        if model_file.is_file():
+            models[method] = load_segmenter(model_file)[0]
+    rows = []
+    for item in ids:
+        image, label = load_sample(index, split, item)
+        tensor = torch.from_numpy(image.copy()).permute(2, 0, 1)[None].float()
+        predictions = {}
+        with torch.inference_mode():
+            for method, segmenter in models.items():
+                logits = logits_for_image(
+                    segmenter,
+                    tensor,
+                    config.evaluate.mode,
+                    config.evaluate.window,
+                    config.evaluate.stride,
+                    out_size=label.shape,
+                )
+                predictions[method] = logits.argmax(1)[0].byte().numpy()
+        rows.append({"image": image, "label": label, "predictions": predictions})
+    return rows, list(index.class_names), [list(c) for c in index.palette]
+
+
+def update_readme(readme: Path, table_markdown: str) -> None:
+    text = readme.read_text()
+    if not README_BLOCK.search(text):
+        raise UserError(f"{readme} has no <!-- results:start --> ... <!-- results:end --> block")
+    replaced = README_BLOCK.sub(lambda m: m.group(1) + table_markdown.strip() + "\n" + m.group(3), text)
+    write_text(readme, replaced)
+
+
+def write_reports(
+    config: Config, metrics_dir: Path, out_dir: Path, runs_dir: Path, readme: Path | None = None
+) -> dict:
+    from memseg_bench import figures
+    from memseg_bench.report import build_report
+
+    tables = out_dir / "tables"
+    figures_dir = out_dir / "figures"
+    summary = build_report(metrics_dir, tables)
+    curves = out_dir / "curves"
+    figures.training_curves(curves, figures_dir / "training_curves.png")
+    figures.bank_diagnostics(curves, figures_dir / "memory_bank.png")
+    rows, class_names, palette = grid_rows(config, runs_dir)
+    figures.qualitative_grid(rows, class_names, palette, figures_dir / "qualitative.png")
+    write_json(out_dir / "summary.json", summary)
+    if readme is not None:
+        update_readme(readme, (tables / "main.md").read_text())
+    return summary
