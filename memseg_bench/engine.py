@@ -58,12 +58,13 @@ def build_models(config: Config, spec: RunSpec, num_classes: int, device: torch.
     net = build_segmenter(
         config.model, num_classes, config.data.mean, config.data.std, official=is_official(config)
     )
+    if config.train.sync_bn and torch.distributed.is_initialized():
+        # Only the segmenter: the per-class heads make a rank-dependent number of BN calls.
+        net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
     parts = {"net": net}
     if needs_bank:
         parts["heads"] = build_heads(net.feature_channels, num_classes, config.model.feature_dim)
     model = nn.ModuleDict(parts)
-    if config.train.sync_bn and torch.distributed.is_initialized():
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device)
     if config.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -195,6 +196,7 @@ class Trainer:
             bank=bank,
             generator=generator,
             gather=lambda tensors: distributed.gather_rows(tensors, self.dist),
+            world_size=self.dist.world_size,
         )
         self.losses = method_losses(spec.method)
         self.step = 0
@@ -209,6 +211,17 @@ class Trainer:
     def checkpoint_path(self) -> Path:
         return self.run_dir / "checkpoint.pt"
 
+    def rank_state(self) -> dict:
+        """What differs between ranks: random generators and positions in the data streams."""
+        return {
+            "generator": self.ctx.generator.get_state(),
+            "rng": checkpoint.rng_state(),
+            "labeled_stream": self.labeled_stream.state(),
+            "unlabeled_stream": None
+            if self.unlabeled_stream is None
+            else self.unlabeled_stream.state(),
+        }
+
     def state(self) -> dict:
         return {
             "step": self.step,
@@ -217,12 +230,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "bank": self.ctx.bank,
             "extra_state": self.ctx.extra_state,
-            "generator": self.ctx.generator.get_state(),
-            "rng": checkpoint.rng_state(),
-            "labeled_stream": self.labeled_stream.state(),
-            "unlabeled_stream": None
-            if self.unlabeled_stream is None
-            else self.unlabeled_stream.state(),
+            "rank_states": distributed.gather_objects(self.rank_state(), self.dist),
             "curve": self.curve.rows,
             "bank_curve": self.curve.bank_rows,
             "elapsed": self.elapsed,
@@ -233,8 +241,9 @@ class Trainer:
         }
 
     def save_checkpoint(self) -> None:
+        state = self.state()
         if self.dist.is_main:
-            checkpoint.save(self.checkpoint_path, self.state())
+            checkpoint.save(self.checkpoint_path, state)
         distributed.barrier(self.dist)
 
     def resume(self) -> bool:
@@ -253,11 +262,17 @@ class Trainer:
         if state["bank"] is not None:
             self.ctx.bank = {k: v.to(self.device) for k, v in state["bank"].items()}
         self.ctx.extra_state = state["extra_state"]
-        self.ctx.generator.set_state(state["generator"].cpu())
-        checkpoint.set_rng_state(state["rng"])
-        self.labeled_stream.load_state(state["labeled_stream"])
+        if len(state["rank_states"]) != self.dist.world_size:
+            raise UserError(
+                f"{self.checkpoint_path} was written by {len(state['rank_states'])} processes; "
+                f"resume it with the same number (now {self.dist.world_size})"
+            )
+        mine = state["rank_states"][self.dist.rank]
+        self.ctx.generator.set_state(mine["generator"].cpu())
+        checkpoint.set_rng_state(mine["rng"])
+        self.labeled_stream.load_state(mine["labeled_stream"])
         if self.unlabeled_stream is not None:
-            self.unlabeled_stream.load_state(state["unlabeled_stream"])
+            self.unlabeled_stream.load_state(mine["unlabeled_stream"])
         self.curve = Curve(state["curve"], state["bank_curve"])
         self.step = state["step"]
         self.elapsed = state["elapsed"]
@@ -291,6 +306,10 @@ class Trainer:
         if train.channels_last:
             labeled["image"] = labeled["image"].contiguous(memory_format=torch.channels_last)
         self.model.train()
+        if train.freeze_bn:
+            for module in self.model.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
         autocast = torch.autocast(
             self.device.type, dtype=torch.bfloat16, enabled=train.amp == "bf16"
         )

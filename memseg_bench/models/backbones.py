@@ -1,0 +1,131 @@
+"""Torchvision backbones that return a stride-4 (low-level) and a dilated high-level feature map.
+
+Module names inside each backbone equal torchvision's, so a torchvision state dict (minus the
+classifier) loads into it key for key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from memseg_bench.errors import UserError
+from memseg_bench.tv import tv_models
+
+BACKBONES = ("resnet18", "resnet50", "resnet101", "mobilenet_v3_large")
+# Keys of torchvision's classification heads, ignored when loading backbone weights.
+CLASSIFIER_PREFIXES = ("fc.", "classifier.")
+MOBILENET_LOW_LEVEL_END = 4  # features[0:4] ends at stride 4 (24 channels)
+
+
+def _dilate_layer(layer: nn.Sequential, dilation: int) -> None:
+    """Turn a strided ResNet stage into a dilated one: the conv that used to stride keeps the
+    previous dilation (dilation // 2), every other 3x3 conv gets `dilation`."""
+    for module in layer.modules():
+        if not isinstance(module, nn.Conv2d):
+            continue
+        was_strided = module.stride == (2, 2)
+        if was_strided:
+            module.stride = (1, 1)
+        if module.kernel_size == (3, 3):
+            rate = dilation // 2 if was_strided else dilation
+            module.dilation = (rate, rate)
+            module.padding = (rate, rate)
+
+
+class ResNetBackbone(nn.Module):
+    def __init__(self, name: str, output_stride: int) -> None:
+        super().__init__()
+        net = getattr(tv_models(), name)(weights=None)
+        self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
+        self.layer1, self.layer2, self.layer3, self.layer4 = (
+            net.layer1,
+            net.layer2,
+            net.layer3,
+            net.layer4,
+        )
+        if output_stride == 8:
+            _dilate_layer(self.layer3, 2)
+            _dilate_layer(self.layer4, 4)
+        else:
+            _dilate_layer(self.layer4, 2)
+        last = net.layer1[-1]
+        self.low_channels = (last.bn3 if hasattr(last, "bn3") else last.bn2).num_features
+        self.high_channels = net.fc.in_features
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        low = self.layer1(x)
+        high = self.layer4(self.layer3(self.layer2(low)))
+        return low, high
+
+
+class MobileNetBackbone(nn.Module):
+    """MobileNetV3-Large with its last (stride-32) stage dilated: output stride 16."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        net = tv_models().mobilenet_v3_large(weights=None, dilated=True)
+        self.features = net.features
+        self.low_channels = self.features[MOBILENET_LOW_LEVEL_END - 1].out_channels
+        self.high_channels = self.features[-1].out_channels
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        low = x
+        for index, block in enumerate(self.features):
+            x = block(x)
+            if index == MOBILENET_LOW_LEVEL_END - 1:
+                low = x
+        return low, x
+
+
+def build_backbone(name: str, output_stride: int) -> nn.Module:
+    if name not in BACKBONES:
+        raise UserError(f"params: 'model.backbone' must be one of {list(BACKBONES)}, got {name!r}")
+    if output_stride not in (8, 16):
+        raise UserError(f"params: 'model.output_stride' must be 8 or 16, got {output_stride}")
+    if name.startswith("mobilenet"):
+        if output_stride != 16:
+            raise UserError(
+                f"params: 'model.output_stride' must be 16 for {name}, got {output_stride}"
+            )
+        return MobileNetBackbone()
+    return ResNetBackbone(name, output_stride)
+
+
+def _optional(key: str) -> bool:
+    # Older torchvision weight files have no BatchNorm step counters.
+    return key.endswith("num_batches_tracked")
+
+
+def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
+    """Load a torchvision-format state dict file into `backbone`; classifier keys are ignored."""
+    path = Path(path)
+    where = f"model.weights: {path}"
+    if not path.is_file():
+        raise UserError(f"model.weights: file not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # pickle, zip and format errors all mean "not a weights file"
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"{where} is not a torch state dict file ({first})") from None
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise UserError(f"{where} is not a state dict of tensors")
+    state = {k: v for k, v in state.items() if not k.startswith(CLASSIFIER_PREFIXES)}
+    expected = backbone.state_dict()
+    for key, value in state.items():
+        if key not in expected:
+            raise UserError(f"{where} does not fit the backbone: unexpected key '{key}'")
+        if tuple(value.shape) != tuple(expected[key].shape):
+            raise UserError(
+                f"{where} does not fit the backbone: key '{key}' has shape {tuple(value.shape)}, "
+                f"expected {tuple(expected[key].shape)}"
+            )
+    for key in expected:
+        if key not in state and not _optional(key):
+            raise UserError(f"{where} does not fit the backbone: missing key '{key}'")
+    backbone.load_state_dict(state, strict=False)

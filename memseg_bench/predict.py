@@ -1,0 +1,151 @@
+"""Segment images with an exported model: onnxruntime, numpy and Pillow only (no torch).
+
+For every image: `<stem>_mask.png` (palette PNG, pixel value = class id) and `<stem>_overlay.png`
+(the image blended 50% with the coloured mask), next to the input unless an output folder is given.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from memseg_bench.errors import UserError
+from memseg_bench.fileio import read_image, save_png
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+INPUT_NAME = "image"  # must match memseg_bench.export (not imported: it needs torch)
+OUTPUT_NAME = "logits"
+REQUIRED_METADATA = ("class_names", "palette", "num_classes")
+PROVIDERS = {
+    "cpu": ["CPUExecutionProvider"],
+    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+}
+
+
+def collect_images(inputs: list[str]) -> list[Path]:
+    """Files as given; folders contribute their png/jpg/jpeg/bmp files, sorted by name."""
+    images: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(
+                p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+            )
+            if not found:
+                raise UserError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in folder {path}")
+            images.extend(found)
+        elif path.is_file():
+            images.append(path)
+        else:
+            raise UserError(f"input not found: {path}")
+    return images
+
+
+def open_session(model: str, provider: str = "auto"):
+    """An onnxruntime session on our exported model, with its metadata checked."""
+    import onnxruntime as ort
+
+    if provider not in ("auto", *PROVIDERS):
+        raise UserError(f"--provider must be auto, cpu or cuda, got {provider!r}")
+    path = Path(model)
+    if not path.is_file():
+        raise UserError(f"model not found: {path}")
+    if provider == "auto":
+        cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+        providers = PROVIDERS["cuda" if cuda else "cpu"]
+        # A CUDA build without usable CUDA libraries logs loud errors before falling back to the
+        # CPU; the provider that actually runs is printed instead.
+        ort.set_default_logger_severity(4)
+    else:
+        providers = PROVIDERS[provider]
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+    except Exception as error:  # onnxruntime raises its own exception types for bad files
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"model {path} is not a valid ONNX model: {first}") from None
+    finally:
+        ort.set_default_logger_severity(2)
+    if provider == "cuda" and session.get_providers()[0] != "CUDAExecutionProvider":
+        raise UserError(f"--provider cuda: onnxruntime could not use CUDA for model {path}")
+    inputs = [i.name for i in session.get_inputs()]
+    outputs = [o.name for o in session.get_outputs()]
+    metadata = session.get_modelmeta().custom_metadata_map
+    missing = [key for key in REQUIRED_METADATA if key not in metadata]
+    if inputs != [INPUT_NAME] or OUTPUT_NAME not in outputs or missing:
+        raise UserError(
+            f"model {path} is not a memseg_bench export (expected input '{INPUT_NAME}', output "
+            f"'{OUTPUT_NAME}' and metadata {list(REQUIRED_METADATA)})"
+        )
+    return session, _read_metadata(metadata, path)
+
+
+def _read_metadata(metadata: dict, path: Path) -> dict:
+    try:
+        info = {
+            "class_names": json.loads(metadata["class_names"]),
+            "palette": json.loads(metadata["palette"]),
+            "num_classes": int(metadata["num_classes"]),
+        }
+    except (ValueError, TypeError):
+        raise UserError(f"model {path} has unreadable memseg_bench metadata") from None
+    if not 1 <= info["num_classes"] <= 256:  # masks are 8-bit palette PNGs
+        raise UserError(f"model {path} has {info['num_classes']} classes: masks support 1..256")
+    palette = np.zeros((256, 3), dtype=np.uint8)
+    colours = np.asarray(info["palette"], dtype=np.int64).reshape(-1, 3)[:256]
+    palette[: len(colours)] = np.clip(colours, 0, 255)
+    info["colours"] = palette
+    return info
+
+
+def segment(session, image: np.ndarray) -> tuple[np.ndarray, float]:
+    """Class ids (H, W) uint8 for an RGB uint8 image, and the model's latency in ms."""
+    batch = np.ascontiguousarray(image.transpose(2, 0, 1)[None], dtype=np.float32)
+    start = time.perf_counter()
+    (logits,) = session.run([OUTPUT_NAME], {INPUT_NAME: batch})
+    latency = (time.perf_counter() - start) * 1000
+    return logits[0].argmax(0).astype(np.uint8), latency
+
+
+def overlay(image: np.ndarray, mask: np.ndarray, colours: np.ndarray) -> np.ndarray:
+    blended = 0.5 * image.astype(np.float32) + 0.5 * colours[mask].astype(np.float32)
+    return np.round(blended).astype(np.uint8)
+
+
+def predict(
+    inputs: list[str], model: str, output_dir: str | None = None, provider: str = "auto"
+) -> list[dict]:
+    """Segment every input image; returns one dict per image (paths, size, latency_ms)."""
+    from rich.console import Console
+
+    console = Console(highlight=False)
+    images = collect_images(inputs)
+    session, info = open_session(model, provider)
+    console.print(f"model {model}: provider {session.get_providers()[0]}")
+    results = []
+    for path in images:
+        image = read_image(path)
+        mask, latency = segment(session, image)
+        folder = Path(output_dir) if output_dir is not None else path.parent
+        mask_path = folder / f"{path.stem}_mask.png"
+        overlay_path = folder / f"{path.stem}_overlay.png"
+        save_png(mask_path, mask, palette=info["palette"])
+        save_png(overlay_path, overlay(image, mask, info["colours"]))
+        console.print(
+            f"{path}: {image.shape[1]}x{image.shape[0]} -> {mask_path} ({latency:.1f} ms)"
+        )
+        results.append(
+            {
+                "input": str(path),
+                "mask": str(mask_path),
+                "overlay": str(overlay_path),
+                "height": int(image.shape[0]),
+                "width": int(image.shape[1]),
+                "latency_ms": latency,
+            }
+        )
+    return results

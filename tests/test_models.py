@@ -1,0 +1,305 @@
+import dataclasses
+
+import pytest
+import torch
+
+from memseg_bench.config import Config, ModelConfig, config_hash, config_to_dict
+from memseg_bench.errors import UserError
+from memseg_bench.models import ClassSelectors, build_heads, build_segmenter, load_segmenter
+from memseg_bench.models.backbones import build_backbone
+from memseg_bench.tv import tv_models
+
+MEAN = (123.675, 116.28, 103.53)
+STD = (58.395, 57.12, 57.375)
+CHANNELS = {
+    "resnet18": (64, 512),
+    "resnet50": (256, 2048),
+    "resnet101": (256, 2048),
+    "mobilenet_v3_large": (24, 960),
+}
+
+
+def images(n: int = 2, size: int = 64, seed: int = 0) -> torch.Tensor:
+    return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 255
+
+
+@pytest.mark.parametrize(
+    "backbone,stride",
+    [
+        ("resnet18", 16),
+        ("resnet18", 8),
+        ("resnet50", 16),
+        ("resnet101", 16),
+        ("mobilenet_v3_large", 16),
+    ],
+)
+def test_deeplabv3plus_shapes_and_backbone_strides(backbone, stride):
+    net = build_segmenter(ModelConfig(backbone=backbone, output_stride=stride), 5, MEAN, STD)
+    seen = {}
+    net.backbone.register_forward_hook(lambda module, args, out: seen.update(out=out))
+    with torch.no_grad():
+        logits, features = net.eval()(images(2, 64))
+    low, high = seen["out"]
+    assert (net.backbone.low_channels, net.backbone.high_channels) == CHANNELS[backbone]
+    assert tuple(low.shape) == (2, CHANNELS[backbone][0], 16, 16)
+    assert tuple(high.shape) == (2, CHANNELS[backbone][1], 64 // stride, 64 // stride)
+    assert tuple(logits.shape) == (2, 5, 16, 16)
+    assert tuple(features.shape) == (2, 256, 16, 16)
+    assert net.feature_channels == 256 and net.num_classes == 5
+    assert torch.isfinite(logits).all()
+
+
+def test_deeplabv3plus_trains_end_to_end():
+    net = build_segmenter(ModelConfig(backbone="resnet18"), 5, MEAN, STD).train()
+    logits, features = net(images(2, 32))
+    assert tuple(logits.shape) == (2, 5, 8, 8) and tuple(features.shape) == (2, 256, 8, 8)
+    (logits.mean() + features.mean()).backward()
+    assert all(p.grad is not None for p in net.head.classifier.parameters())
+    assert net.backbone.conv1.weight.grad.abs().sum() > 0
+    assert net.head.aspp.branches[-1].conv[0].weight.grad.abs().sum() > 0
+
+
+def test_deeplabv2_resnet101_at_stride_8():
+    net = build_segmenter(
+        ModelConfig(arch="deeplabv2", backbone="resnet101", output_stride=8), 4, MEAN, STD
+    ).eval()
+    with torch.no_grad():
+        logits, features = net(images(2, 32))
+    assert tuple(logits.shape) == (2, 4, 4, 4)
+    assert tuple(features.shape) == (2, 2048, 4, 4)
+    assert net.feature_channels == 2048
+
+
+def _v2(official: bool) -> torch.nn.Module:
+    cfg = ModelConfig(arch="deeplabv2", backbone="resnet18", output_stride=8)
+    return build_segmenter(cfg, 3, MEAN, STD, official=official).eval()
+
+
+def test_official_deeplabv2_sums_only_rates_6_and_12():
+    torch.manual_seed(0)
+    paper, official = _v2(False), _v2(True)
+    official.load_state_dict(paper.state_dict())
+    x = images(1, 48)
+    with torch.no_grad():
+        before_paper, features = paper(x)
+        before_official, _ = official(x)
+        manual = sum(official.head.branches[i](features) for i in range(2))
+        for net in (paper, official):
+            for branch in net.head.branches[2:]:
+                branch.weight.add_(torch.randn_like(branch.weight))
+        after_paper, _ = paper(x)
+        after_official, _ = official(x)
+    torch.testing.assert_close(after_official, before_official)
+    torch.testing.assert_close(before_official, manual)
+    assert (after_paper - before_paper).abs().max() > 1e-3
+    assert (before_paper - before_official).abs().max() > 1e-6
+
+
+def test_dilation_matches_torchvision_replace_stride_with_dilation():
+    ours = build_backbone("resnet50", 8).eval()
+    reference = tv_models().resnet50(replace_stride_with_dilation=[False, True, True]).eval()
+    ours.load_state_dict({k: v for k, v in reference.state_dict().items() if "fc." not in k})
+    x = images(1, 32) / 255
+    with torch.no_grad():
+        _, high = ours(x)
+        stem = reference.maxpool(reference.relu(reference.bn1(reference.conv1(x))))
+        expected = reference.layer4(reference.layer3(reference.layer2(reference.layer1(stem))))
+    torch.testing.assert_close(high, expected)
+
+
+def test_normalisation_happens_inside():
+    torch.manual_seed(0)
+    raw = build_segmenter(ModelConfig(), 3, MEAN, STD).eval()
+    plain = build_segmenter(ModelConfig(), 3, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)).eval()
+    plain.load_state_dict(raw.state_dict())
+    x = images(2, 32)
+    normalised = (x - torch.tensor(MEAN)[:, None, None]) / torch.tensor(STD)[:, None, None]
+    with torch.no_grad():
+        torch.testing.assert_close(raw(x)[0], plain(normalised)[0], atol=1e-4, rtol=1e-4)
+
+
+def test_channels_last_gives_the_same_outputs():
+    torch.manual_seed(0)
+    net = build_segmenter(ModelConfig(), 3, MEAN, STD).eval()
+    x = images(2, 32)
+    with torch.no_grad():
+        expected = net(x)
+        net = net.to(memory_format=torch.channels_last)
+        actual = net(x.contiguous(memory_format=torch.channels_last))
+    for a, e in zip(actual, expected, strict=True):
+        torch.testing.assert_close(a, e, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "mobilenet_v3_large"])
+def test_backbone_weights_round_trip(backbone, tmp_path):
+    torch.manual_seed(1)
+    source = getattr(tv_models(), backbone)()
+    state = source.state_dict()
+    path = tmp_path / f"{backbone}.pth"
+    torch.save(state, path)
+    net = build_segmenter(ModelConfig(backbone=backbone, weights=str(path)), 3, MEAN, STD)
+    loaded = net.backbone.state_dict()
+    assert set(loaded) == {k for k in state if not k.startswith(("fc.", "classifier."))}
+    for key, value in loaded.items():
+        torch.testing.assert_close(value, state[key], rtol=0, atol=0)
+
+
+def test_weights_without_batchnorm_counters_load(tmp_path):
+    state = tv_models().resnet18().state_dict()
+    state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
+    torch.save(state, tmp_path / "old.pth")
+    net = build_segmenter(ModelConfig(weights=str(tmp_path / "old.pth")), 3, MEAN, STD)
+    torch.testing.assert_close(net.backbone.conv1.weight, state["conv1.weight"])
+
+
+def test_missing_weights_file_names_the_option(tmp_path):
+    missing = tmp_path / "nope.pth"
+    with pytest.raises(UserError, match=f"model.weights: file not found: {missing}"):
+        build_segmenter(ModelConfig(weights=str(missing)), 3, MEAN, STD)
+
+
+def test_mismatched_weights_file_names_file_and_key(tmp_path):
+    path = tmp_path / "r50.pth"
+    torch.save(tv_models().resnet50().state_dict(), path)
+    with pytest.raises(UserError) as info:
+        build_segmenter(ModelConfig(backbone="resnet18", weights=str(path)), 3, MEAN, STD)
+    message = str(info.value)
+    assert "model.weights" in message and str(path) in message
+    assert "'layer1.0.conv1.weight'" in message and "\n" not in message
+
+
+@pytest.mark.parametrize("content", ["text", "partial", "tensor_list"])
+def test_weights_file_that_is_not_a_backbone_state_dict(content, tmp_path):
+    path = tmp_path / "bad.pth"
+    if content == "text":
+        path.write_text("hello")
+    elif content == "partial":
+        state = tv_models().resnet18().state_dict()
+        del state["layer2.0.bn1.weight"]
+        torch.save(state, path)
+    else:
+        torch.save([torch.zeros(2)], path)
+    with pytest.raises(UserError) as info:
+        build_segmenter(ModelConfig(weights=str(path)), 3, MEAN, STD)
+    assert "model.weights" in str(info.value) and str(path) in str(info.value)
+    if content == "partial":
+        assert "missing key 'layer2.0.bn1.weight'" in str(info.value)
+
+
+def test_bad_output_stride_is_a_user_error():
+    with pytest.raises(UserError, match="model.output_stride"):
+        build_segmenter(ModelConfig(output_stride=32), 3, MEAN, STD)
+    with pytest.raises(UserError, match="model.output_stride"):
+        build_segmenter(ModelConfig(backbone="mobilenet_v3_large", output_stride=8), 3, MEAN, STD)
+
+
+def _reference_scores(selectors: ClassSelectors, x: torch.Tensor, classes: torch.Tensor):
+    expected = torch.empty(x.shape[0])
+    for c in classes.unique().tolist():
+        rows = classes == c
+        net = selectors.mlps[c]
+        if rows.sum() == 1:
+            net.eval()
+        expected[rows] = torch.sigmoid(net(x[rows])[:, 0])
+        net.train()
+    return expected
+
+
+def test_class_selectors_per_class_batchnorm_and_singleton():
+    torch.manual_seed(0)
+    selectors = ClassSelectors(4, 16).train()
+    for net in selectors.mlps:  # non-trivial running statistics for the singleton path
+        net[1].running_mean.uniform_(-1, 1)
+        net[1].running_var.uniform_(0.5, 2)
+    x = torch.randn(9, 16, requires_grad=True)
+    classes = torch.tensor([2, 0, 2, 3, 0, 2, 0, 0, 2])  # class 3 is a singleton, 1 absent
+    running = [net[1].running_mean.clone() for net in selectors.mlps]
+    reference = ClassSelectors(4, 16)
+    reference.load_state_dict(selectors.state_dict())
+    expected = _reference_scores(reference.train(), x.detach(), classes)
+    scores = selectors(x, classes)
+    assert scores.shape == (9,)
+    torch.testing.assert_close(scores, expected)
+    assert ((scores > 0) & (scores < 1)).all()
+    # Batch statistics of one class only: changing class-0 rows leaves class-2 scores alone.
+    moved = x.detach().clone()
+    moved[classes == 0] = torch.randn(4, 16)
+    again = selectors(moved, classes)
+    torch.testing.assert_close(again[classes == 2], scores[classes == 2].detach())
+    assert not torch.allclose(again[classes == 0], scores[classes == 0].detach())
+    # The absent class's BN statistics were not touched; present classes were updated.
+    torch.testing.assert_close(selectors.mlps[1][1].running_mean, running[1])
+    assert not torch.allclose(selectors.mlps[0][1].running_mean, running[0])
+    scores.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert selectors.mlps[1][0].weight.grad is None
+
+
+def test_class_selectors_score_all_and_errors():
+    torch.manual_seed(0)
+    selectors = ClassSelectors(3, 8).eval()
+    memory = torch.randn(3, 5, 8)
+    scores = selectors.score_all(memory)
+    assert scores.shape == (3, 5)
+    classes = torch.arange(3)[:, None].expand(3, 5).reshape(-1)
+    torch.testing.assert_close(scores.reshape(-1), selectors(memory.reshape(15, 8), classes))
+    assert selectors(torch.zeros(0, 8), torch.zeros(0, dtype=torch.long)).shape == (0,)
+    with pytest.raises(ValueError):
+        selectors(torch.randn(2, 8), torch.tensor([0, 3]))
+    selectors.train()
+    assert selectors.score_all(torch.randn(3, 1, 8)).shape == (3, 1)
+
+
+def test_build_heads_shapes():
+    heads = build_heads(512, 4, 32).train()
+    assert set(heads) == {"projection", "prediction", "selectors_feature", "selectors_memory"}
+    pixels = torch.randn(10, 512)
+    projected = heads["projection"](pixels)
+    assert projected.shape == (10, 32)
+    assert heads["prediction"](projected).shape == (10, 32)
+    assert isinstance(heads["projection"][1], torch.nn.BatchNorm1d)
+    assert isinstance(heads["selectors_memory"], ClassSelectors)
+    assert heads["selectors_feature"].mlps[0][-1].out_features == 1
+
+
+def write_model_file(path, config: Config | None = None, num_classes: int = 3):
+    config = config or Config()
+    torch.manual_seed(0)
+    net = build_segmenter(config.model, num_classes, config.data.mean, config.data.std)
+    torch.save(
+        {
+            "model_state": net.state_dict(),
+            "config": config_to_dict(config),
+            "class_names": [f"c{i}" for i in range(num_classes)],
+            "palette": [[40 * i, 255 - 40 * i, 7 * i] for i in range(num_classes)],
+            "config_hash": config_hash(config),
+            "step": 5,
+        },
+        path,
+    )
+    return net
+
+
+def test_load_segmenter_round_trip(tmp_path):
+    config = dataclasses.replace(
+        Config(), model=ModelConfig(arch="deeplabv2", backbone="resnet18", output_stride=8)
+    )
+    net = write_model_file(tmp_path / "model.pt", config, num_classes=4).eval()
+    loaded, info = load_segmenter(tmp_path / "model.pt")
+    assert not loaded.training
+    assert info["config"] == config and info["class_names"] == ["c0", "c1", "c2", "c3"]
+    assert info["step"] == 5 and "model_state" not in info
+    x = images(1, 40)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x)[0], net(x)[0])
+
+
+def test_load_segmenter_errors(tmp_path):
+    with pytest.raises(UserError, match="nope.pt"):
+        load_segmenter(tmp_path / "nope.pt")
+    (tmp_path / "junk.pt").write_text("not a model")
+    with pytest.raises(UserError, match="junk.pt"):
+        load_segmenter(tmp_path / "junk.pt")
+    torch.save({"model_state": {}}, tmp_path / "partial.pt")
+    with pytest.raises(UserError, match="partial.pt"):
+        load_segmenter(tmp_path / "partial.pt")
