@@ -49,10 +49,10 @@ class RandomBatches:
         return {"image": image, "label": label}
 
     def state(self) -> dict:
-        return {}
+        return {"generator": self.generator.get_state()}
 
     def load_state(self, state: dict) -> None:
-        pass
+        self.generator.set_state(state["generator"])
 
 
 def bench_config(config: Config, amp: str | None = None) -> Config:
@@ -67,8 +67,10 @@ def bench_config(config: Config, amp: str | None = None) -> Config:
         amp=amp or config.train.amp,
         iterations=10**6,
     )
+    # Timing does not depend on the weights: random init needs no local weight file.
+    model = dataclasses.replace(config.model, weights=None)
     return dataclasses.replace(
-        config, methods=dataclasses.replace(config.methods, memseg=memseg), train=train
+        config, methods=dataclasses.replace(config.methods, memseg=memseg), train=train, model=model
     )
 
 

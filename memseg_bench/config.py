@@ -111,6 +111,8 @@ class TrainConfig:
     channels_last: bool = False
     compile: bool = False
     sync_bn: bool = False
+    # Keep every BatchNorm in eval mode (running statistics) while training.
+    freeze_bn: bool = False
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 

@@ -62,6 +62,15 @@ def mean_across_ranks(values: dict[str, torch.Tensor], info: Dist) -> dict[str, 
     return dict(zip(keys, stacked.unbind()))
 
 
+def gather_objects(value, info: Dist) -> list:
+    """Every rank's picklable `value`, in rank order (a one-element list in a single process)."""
+    if not info.enabled:
+        return [value]
+    values = [None] * info.world_size
+    dist.all_gather_object(values, value)
+    return values
+
+
 def gather_rows(tensors: list[torch.Tensor | None], info: Dist) -> list[torch.Tensor | None]:
     """Concatenate per-rank row tensors (same row count within a rank) in rank order, identically on
     every rank. Rows may differ in number between ranks; None entries stay None."""

@@ -156,6 +156,8 @@ class Trainer:
         if train.threads > 0:
             torch.set_num_threads(train.threads)
         torch.use_deterministic_algorithms(train.deterministic, warn_only=True)
+        # Filling every new tensor with NaN would only catch reads of uninitialised memory.
+        torch.utils.deterministic.fill_uninitialized_memory = False
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = not train.deterministic
         seed_everything(spec.seed * 1000 + self.dist.rank)

@@ -27,6 +27,7 @@ class StepContext:
     extra_state: dict = field(default_factory=dict)
     # Concatenates per-rank candidate rows in rank order (identity in a single process).
     gather: Callable[[list], list] = lambda tensors: tensors
+    world_size: int = 1
     timer: PhaseTimer = field(default_factory=PhaseTimer)
 
     @property

@@ -121,8 +121,9 @@ def update_bank(ctx: StepContext, extras: dict, step: int) -> dict:
     projected, classes, scores, stats = bank_candidates(ctx, images, extras["labeled_labels"])
     projected, classes, scores = ctx.gather([projected, classes, scores])
     if projected.shape[0] > 0:
+        global_batch = images.shape[0] * ctx.world_size
         k = k_per_class(
-            ctx.n_labeled, settings.memory_size, ctx.num_classes, images.shape[0], settings.k_rule
+            ctx.n_labeled, settings.memory_size, ctx.num_classes, global_batch, settings.k_rule
         )
         ctx.bank = insert(
             ctx.bank,
