@@ -33,14 +33,26 @@ PHASES = (
 class RandomBatches:
     """Endless random batches shaped like real ones: images 0..255 and blocky label maps."""
 
-    def __init__(self, batch: int, crop: int, num_classes: int, seed: int):
+    def __init__(self, batch: int, crop: int, num_classes: int, seed: int, pool: int = 0):
         self.generator = torch.Generator().manual_seed(seed)
         self.batch, self.crop, self.num_classes = batch, crop, num_classes
+        # pool > 0: cycle through that many pinned batches, so that the "data" phase of a
+        # benchmark measures the host-to-device copy rather than random number generation.
+        self.pool = [self._draw() for _ in range(pool)]
+        if pool and torch.cuda.is_available():
+            self.pool = [{k: v.pin_memory() for k, v in b.items()} for b in self.pool]
+        self.drawn = 0
 
     def __iter__(self):
         return self
 
     def __next__(self) -> dict:
+        if self.pool:
+            self.drawn += 1
+            return self.pool[self.drawn % len(self.pool)]
+        return self._draw()
+
+    def _draw(self) -> dict:
         image = torch.rand(self.batch, 3, self.crop, self.crop, generator=self.generator) * 255
         blocks = torch.randint(
             0, self.num_classes, (self.batch, 1, 8, 8), generator=self.generator
@@ -85,8 +97,8 @@ def time_method(config: Config, method: str, steps: int, warmup: int) -> dict:
         palette=[[i, i, i] for i in range(num_classes)],
         n_labeled=max(config.sweep.n_labeled),
         split_hash=None,
-        labeled=RandomBatches(train.batch_labeled, train.crop, num_classes, 0),
-        unlabeled=RandomBatches(train.batch_unlabeled, train.crop, num_classes, 1),
+        labeled=RandomBatches(train.batch_labeled, train.crop, num_classes, 0, pool=4),
+        unlabeled=RandomBatches(train.batch_unlabeled, train.crop, num_classes, 1, pool=4),
     )
     spec = make_spec(method, "bench", data.n_labeled, 0)
     with tempfile.TemporaryDirectory() as tmp:

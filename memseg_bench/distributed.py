@@ -37,7 +37,9 @@ def setup(device: str = "auto") -> Dist:
     else:
         chosen = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        # MEMSEG_DIST_BACKEND=gloo runs several processes on one GPU (NCCL refuses that).
+        backend = os.environ.get("MEMSEG_DIST_BACKEND") or ("nccl" if use_cuda else "gloo")
+        dist.init_process_group(backend=backend)
     return Dist(rank, world_size, local_rank, chosen)
 
 

@@ -1,0 +1,90 @@
+"""Pixel losses of the self-training objective: supervised CE, confidence-weighted pseudo-label CE,
+normalised entropy, the ramp-up and the Cityscapes class weights. Ignore label 255 everywhere."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.nn import functional as F
+
+IGNORE = 255
+
+
+def ramp(i: int, ramp_iterations: int = 2000) -> float:
+    """exp(-5 (1 - i / R)^2) for i < R, else 1."""
+    if ramp_iterations <= 0 or i >= ramp_iterations:
+        return 1.0
+    return math.exp(-5.0 * (1.0 - i / ramp_iterations) ** 2)
+
+
+def _at_label_size(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    if tuple(logits.shape[-2:]) == tuple(labels.shape[-2:]):
+        return logits
+    return F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def supervised_ce(
+    logits: torch.Tensor, labels: torch.Tensor, class_weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean CE over the non-ignored pixels (weighted mean when class weights are given; 0 when
+    every pixel is ignored). logits [B, C, h, w] are upsampled bilinearly to labels [B, H, W]."""
+    logits = _at_label_size(logits, labels)
+    weight = None if class_weights is None else class_weights.to(logits.dtype)
+    per_pixel = F.cross_entropy(
+        logits, labels, weight=weight, ignore_index=IGNORE, reduction="none"
+    )
+    # The mean reduction's denominator, written out so a batch with no labelled pixel gives 0,
+    # not NaN (0 / 0).
+    valid = labels != IGNORE
+    if weight is None:
+        denominator = valid.sum().to(per_pixel.dtype)
+    else:
+        safe = torch.where(valid, labels, torch.zeros_like(labels))
+        denominator = torch.where(valid, weight[safe], torch.zeros_like(per_pixel)).sum()
+    return per_pixel.sum() / denominator.clamp_min(1.0 if weight is None else 1e-12)
+
+
+def pseudo_label_ce(
+    logits: torch.Tensor,
+    pseudo_labels: torch.Tensor,
+    confidence: torch.Tensor,
+    power: float = 6.0,
+    class_weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per-pixel CE weighted by confidence**power, averaged over all pixels of the views.
+
+    Ignored pixels (label 255, e.g. padding) contribute 0 but count in the mean."""
+    logits = _at_label_size(logits, pseudo_labels)
+    weight = None if class_weights is None else class_weights.to(logits.dtype)
+    per_pixel = F.cross_entropy(
+        logits, pseudo_labels, weight=weight, ignore_index=IGNORE, reduction="none"
+    )
+    return (per_pixel * confidence.to(per_pixel.dtype).pow(power)).mean()
+
+
+def entropy_loss(logits: torch.Tensor, official: bool = False) -> torch.Tensor:
+    """Mean entropy of softmax(logits) over dim 1, divided by log C (so in [0, 1])."""
+    num_classes = logits.shape[1]
+    log_probs = F.log_softmax(logits, dim=1)
+    entropy = -(log_probs.exp() * log_probs).sum(dim=1) / math.log(max(num_classes, 2))
+    loss = entropy.mean()
+    # [official] the reference's broadcasting slip scaled this term by the batch size.
+    return loss * logits.shape[0] if official else loss
+
+
+def class_weights_from_counts(counts: torch.Tensor) -> torch.Tensor:
+    """sqrt(median(freq) / freq_c), median over the classes seen at least once.
+
+    A class never seen gets the weight of the rarest seen class; no class seen: all ones.
+    No host synchronisation (nanquantile instead of boolean indexing)."""
+    counts = counts.to(torch.float64)
+    total = counts.sum()
+    freq = counts / total.clamp_min(1.0)
+    seen = counts > 0
+    median = torch.nanquantile(torch.where(seen, freq, torch.nan), 0.5)
+    rarest = torch.where(seen, freq, torch.inf).min()
+    freq = torch.where(seen, freq, rarest)
+    weights = torch.sqrt(median / freq)
+    weights = torch.where(seen.any(), weights, torch.ones_like(weights))
+    return weights.to(torch.float32)
