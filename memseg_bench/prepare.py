@@ -12,6 +12,8 @@ from memseg_bench.fileio import write_json
 
 SPLITS_ROOT = Path("splits")
 PREPARED = Path("data/prepared.json")
+# Images checked per split (all of them for small datasets); `memseg data check` checks everything.
+CHECK_LIMIT = 500
 
 
 def split_dataset_name(config: Config) -> str:
@@ -45,7 +47,13 @@ def sweep_splits(config: Config) -> list[tuple[str, int]]:
 def prepare(config: Config, prepared_path: Path = PREPARED) -> dict:
     from memseg_bench.data.splits import load_split, verify_against_dataset
 
+    from memseg_bench.data.check import check_dataset
+
     index = _dataset(config)
+    problems, check = check_dataset(config.data.name, config.data.root, limit=CHECK_LIMIT)
+    if problems:
+        more = f" (and {len(problems) - 1} more: run memseg data check)" if len(problems) > 1 else ""
+        raise UserError(f"{problems[0]}{more}")
     train_ids = index.ids("train")
     dataset = split_dataset_name(config)
     verified = {}
@@ -69,6 +77,7 @@ def prepare(config: Config, prepared_path: Path = PREPARED) -> dict:
         "classes": list(index.class_names),
         "images": {s: len(index.ids(s)) for s in ("train", "val", "test") if _has_split(index, s)},
         "index_sha256": listing.hexdigest(),
+        "check": check["splits"],
         "splits": verified,
     }
     write_json(prepared_path, summary)
