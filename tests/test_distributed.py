@@ -141,6 +141,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str, task: str, method: s
 
 
 def _spawn(world: int, out_dir, task: str = "steps", method: str = "memseg"):
+    out_dir.mkdir(parents=True, exist_ok=True)
     args = (world, _free_port(), str(out_dir), task, method)
     mp.spawn(_worker, args=args, nprocs=world, join=True)
 
