@@ -102,7 +102,13 @@ def open_train_data(config: Config, spec: RunSpec, dist: distributed.Dist) -> Tr
 
     def stream(ids, batch, offset):
         dataset = SegmentationDataset(
-            index, "train", ids, crop=train.crop, train=True, seed=spec.seed + offset
+            index,
+            "train",
+            ids,
+            crop=train.crop,
+            train=True,
+            seed=spec.seed + offset,
+            input_scale=config.data.input_scale,
         )
         return infinite_batches(
             dataset,
