@@ -144,15 +144,16 @@ def bench_infer(
 
 @bench_app.command("loss")
 def bench_loss(
-    preset: str = typer.Option("voc", help="voc | cityscapes sizes"),
+    preset: str = typer.Option("voc", help="voc | cityscapes | tiny sizes"),
     threads: int = typer.Option(2),
     repeats: int = typer.Option(3),
     device: str = typer.Option("cpu"),
 ) -> None:
     """Contrastive loss and memory update: closed form vs pairwise, time and peak memory."""
     from memseg_bench.bench_loss import bench_loss as run
+    from memseg_bench.bench_loss import print_summary
 
-    run(preset, threads=threads, repeats=repeats, device=device)
+    print_summary(run(preset, threads=threads, repeats=repeats, device=device))
 
 
 @bench_app.command("step")
