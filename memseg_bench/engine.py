@@ -61,6 +61,8 @@ def build_models(config: Config, spec: RunSpec, num_classes: int, device: torch.
     if config.train.sync_bn and torch.distributed.is_initialized():
         # Only the segmenter: the per-class heads make a rank-dependent number of BN calls.
         net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+    if config.train.compile:
+        net.compile()  # in place: state_dict keys stay those of the plain module
     parts = {"net": net}
     if needs_bank:
         parts["heads"] = build_heads(net.feature_channels, num_classes, config.model.feature_dim)
