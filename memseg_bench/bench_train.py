@@ -152,7 +152,9 @@ def _print_table(title: str, rows: list[dict]) -> None:
 def bench_step(config: Config, steps: int = 5, threads: int = 2, warmup: int = 2) -> dict:
     torch.set_num_threads(threads)
     config = bench_config(config)
-    results = {m: time_method(config, m, steps, warmup) for m in ("supervised", "selftrain", "memseg")}
+    results = {
+        m: time_method(config, m, steps, warmup) for m in ("supervised", "selftrain", "memseg")
+    }
     base = results["supervised"]["step_s"]
     rows = [
         {

@@ -14,7 +14,7 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    help="Semi-supervised segmentation benchmark: prepare, train, evaluate, report, export, predict.",
+    help="Semi-supervised segmentation benchmark: prepare, train, evaluate, report, export.",
 )
 bench_app = typer.Typer(no_args_is_help=True, help="Speed and memory benchmarks.")
 data_app = typer.Typer(no_args_is_help=True, help="Dataset checks.")
@@ -34,7 +34,7 @@ def _config(params: Path, preset: str | None = None):
 
 @app.command()
 def prepare(params: Path = PARAMS) -> None:
-    """Build the dataset index (generate the embedded dataset) and verify every split in the sweep."""
+    """Make the dataset available (generate the embedded one) and verify the sweep's splits."""
     from memseg_bench.prepare import prepare as run_prepare
 
     run_prepare(_config(params))
@@ -44,7 +44,9 @@ def prepare(params: Path = PARAMS) -> None:
 def train(
     method: str = typer.Option(..., help="supervised | selftrain | memseg"),
     n_labeled: int = typer.Option(..., help="label count of the split family in params"),
-    seed: int = typer.Option(0, help="training seed (and split draw when split.seed_suffix is set)"),
+    seed: int = typer.Option(
+        0, help="training seed (and split draw when split.seed_suffix is set)"
+    ),
     variant: str = typer.Option(None, help="memseg ablation variant"),
     resume: bool = typer.Option(False, "--resume", help="continue from runs/<run>/checkpoint.pt"),
     runs_dir: Path = typer.Option(Path("runs")),
@@ -68,7 +70,7 @@ def evaluate(
     run: Path = typer.Option(..., help="run directory, e.g. runs/supervised-random-20-s0"),
     metrics_dir: Path = typer.Option(Path("reports/metrics")),
 ) -> None:
-    """Evaluate a trained run on the protocol's evaluation split; writes reports/metrics/<run>.json."""
+    """Score a trained run on its evaluation split; writes reports/metrics/<run>.json."""
     from memseg_bench.evaluation_run import evaluate_run
 
     result = evaluate_run(run, metrics_dir)
@@ -123,8 +125,9 @@ def predict(
     """Segment images with the exported model (onnxruntime, no torch)."""
     from memseg_bench.predict import predict as run_predict
 
-    run_predict([str(p) for p in inputs], str(model), None if output is None else str(output),
-                provider)
+    run_predict(
+        [str(p) for p in inputs], str(model), None if output is None else str(output), provider
+    )
 
 
 @bench_app.command("infer")
@@ -138,8 +141,9 @@ def bench_infer(
     """PyTorch eager vs ONNX Runtime latency at SIZE x SIZE, as a ratio."""
     from memseg_bench.bench_infer import bench_infer as run
 
-    run(None if model is None else str(model), backbone, size=size, repeats=repeats,
-        threads=threads)
+    run(
+        None if model is None else str(model), backbone, size=size, repeats=repeats, threads=threads
+    )
 
 
 @bench_app.command("loss")
@@ -183,7 +187,11 @@ def bench_train(
     from memseg_bench.bench_train import bench_train as run
 
     run(
-        _config(params, preset), method=method, steps=steps, warmup=warmup, threads=threads,
+        _config(params, preset),
+        method=method,
+        steps=steps,
+        warmup=warmup,
+        threads=threads,
         amp=amp,
     )
 

@@ -49,8 +49,8 @@ class SplitConfig:
     # Folder under splits/ that holds this dataset's split families (null: data.name).
     dataset: str | None = None
     family: str = "random"
-    # When set, run seed K trains on draw K of the family: folder FAMILY + seed_suffix.format(seed=K)
-    # (e.g. "_s{seed}" reads splits/<dataset>/random_s0/... for seed 0).
+    # When set, run seed K trains on draw K of the family, the folder
+    # FAMILY + seed_suffix.format(seed=K) (e.g. "_s{seed}" reads random_s0/ for seed 0).
     seed_suffix: str | None = None
     # Seed of our own random draws (families drawn by us, never the published ones).
     draw_seed: int = 0
@@ -224,14 +224,13 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        errors = []
         for arg in args:
             if arg is type(None):
                 continue
             try:
                 return _convert(value, arg, key)
-            except UserError as error:
-                errors.append(str(error))
+            except UserError:
+                pass
         raise UserError(f"params: '{key}' has a wrong type: {value!r}")
     if origin is Literal:
         if value not in args:
@@ -244,7 +243,9 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             return tuple(_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
         if len(value) != len(args):
             raise UserError(f"params: '{key}' must have {len(args)} entries, got {value!r}")
-        return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        return tuple(
+            _convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True))
+        )
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UserError(f"params: '{key}' must be a number, got {value!r}")
@@ -313,7 +314,9 @@ def config_from_dict(values: dict) -> Config:
     layered: dict = {}
     if preset is not None:
         if not isinstance(preset, str) or not (PRESETS_DIR / f"{preset}.yaml").is_file():
-            raise UserError(f"params: 'preset' must be one of {available_presets()}, got {preset!r}")
+            raise UserError(
+                f"params: 'preset' must be one of {available_presets()}, got {preset!r}"
+            )
         layered = _read_yaml(PRESETS_DIR / f"{preset}.yaml", "preset file")
         for key in ("preset", "sweep"):
             if key in layered:

@@ -61,7 +61,7 @@ def mean_across_ranks(values: dict[str, torch.Tensor], info: Dist) -> dict[str, 
     stacked = torch.stack([values[k].detach().float().reshape(()) for k in keys])
     dist.all_reduce(stacked)
     stacked /= info.world_size
-    return dict(zip(keys, stacked.unbind()))
+    return dict(zip(keys, stacked.unbind(), strict=True))
 
 
 def gather_objects(value, info: Dist) -> list:
@@ -94,7 +94,7 @@ def gather_rows(tensors: list[torch.Tensor | None], info: Dist) -> list[torch.Te
         padded[: tensor.shape[0]] = tensor
         parts = [torch.empty_like(padded) for _ in range(info.world_size)]
         dist.all_gather(parts, padded.contiguous())
-        gathered.append(torch.cat([p[:n] for p, n in zip(parts, sizes)]))
+        gathered.append(torch.cat([p[:n] for p, n in zip(parts, sizes, strict=True)]))
     return gathered
 
 

@@ -78,7 +78,7 @@ def build_models(config: Config, spec: RunSpec, num_classes: int, device: torch.
 
 @dataclass
 class TrainData:
-    """Where a run's batches come from: the dataset's split streams, or synthetic tensors (bench)."""
+    """Where a run's batches come from: the dataset's split streams, or random tensors (bench)."""
 
     class_names: list[str]
     palette: list[list[int]]
@@ -363,7 +363,7 @@ class Trainer:
             counts = self.ctx.bank["count"].tolist()
             row["bank_fill"] = sum(counts) / (len(counts) * self.ctx.bank["features"].shape[1])
             self.curve.bank_rows.append(
-                {"step": self.step, **dict(zip(self.data.class_names, counts))}
+                {"step": self.step, **dict(zip(self.data.class_names, counts, strict=True))}
             )
         row["images_per_s"] = rate
         row["time_s"] = self.elapsed

@@ -45,14 +45,15 @@ def sweep_splits(config: Config) -> list[tuple[str, int]]:
 
 
 def prepare(config: Config, prepared_path: Path = PREPARED) -> dict:
-    from memseg_bench.data.splits import load_split, verify_against_dataset
-
     from memseg_bench.data.check import check_dataset
+    from memseg_bench.data.splits import load_split, verify_against_dataset
 
     index = _dataset(config)
     problems, check = check_dataset(config.data.name, config.data.root, limit=CHECK_LIMIT)
     if problems:
-        more = f" (and {len(problems) - 1} more: run memseg data check)" if len(problems) > 1 else ""
+        more = (
+            f" (and {len(problems) - 1} more: run memseg data check)" if len(problems) > 1 else ""
+        )
         raise UserError(f"{problems[0]}{more}")
     train_ids = index.ids("train")
     dataset = split_dataset_name(config)

@@ -56,7 +56,9 @@ def update_readme(readme: Path, table_markdown: str) -> None:
     text = readme.read_text()
     if not README_BLOCK.search(text):
         raise UserError(f"{readme} has no <!-- results:start --> ... <!-- results:end --> block")
-    replaced = README_BLOCK.sub(lambda m: m.group(1) + table_markdown.strip() + "\n" + m.group(3), text)
+    replaced = README_BLOCK.sub(
+        lambda m: m.group(1) + table_markdown.strip() + "\n" + m.group(3), text
+    )
     write_text(readme, replaced)
 
 

@@ -9,7 +9,6 @@ normalises per class over each rank's own pixels, so memseg is compared rank aga
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import socket
 

@@ -63,7 +63,9 @@ def test_one_step_gives_finite_named_losses(method, expected, tmp_path):
     for key in losses:
         assert torch.isfinite(logs[key]), key
     after = trainer.model["net"].state_dict()
-    assert any(not torch.equal(before[k], after[k]) for k in before if before[k].is_floating_point())
+    assert any(
+        not torch.equal(before[k], after[k]) for k in before if before[k].is_floating_point()
+    )
     if teacher_before is not None:
         teacher_after = trainer.teacher["net"].state_dict()
         changed = [

@@ -24,8 +24,16 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
     memseg(project, *args, "--runs-dir", "runs_a", "--curves-dir", "curves_a")
 
     killed = subprocess.Popen(
-        [sys.executable, "-m", "memseg_bench", *args, "--runs-dir", "runs_b",
-         "--curves-dir", "curves_b"],
+        [
+            sys.executable,
+            "-m",
+            "memseg_bench",
+            *args,
+            "--runs-dir",
+            "runs_b",
+            "--curves-dir",
+            "curves_b",
+        ],
         cwd=project,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -43,8 +51,9 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
 
     memseg(project, *args, "--runs-dir", "runs_b", "--curves-dir", "curves_b", "--resume")
 
-    a, b = _state(project / "runs_a/memseg-n6-s0/model.pt"), _state(
-        project / "runs_b/memseg-n6-s0/model.pt"
+    a, b = (
+        _state(project / "runs_a/memseg-n6-s0/model.pt"),
+        _state(project / "runs_b/memseg-n6-s0/model.pt"),
     )
     assert a.keys() == b.keys()
     for key in a:

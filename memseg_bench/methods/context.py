@@ -51,7 +51,7 @@ def upsampled(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 @torch.no_grad()
 def teacher_forward(ctx: StepContext, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Teacher logits and features; `official` keeps the teacher in train mode (batch statistics)."""
+    """Teacher logits and features; `official` keeps the teacher in train mode (batch stats)."""
     teacher = ctx.teacher
     assert teacher is not None
     teacher.train(ctx.official)

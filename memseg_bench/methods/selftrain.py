@@ -1,5 +1,5 @@
-"""Self-training baseline: EMA teacher pseudo-labels, two strong ClassMix views, p^power-weighted CE,
-entropy term. The full method minus the memory bank and the contrastive loss."""
+"""Self-training baseline: EMA teacher pseudo-labels, two strong ClassMix views,
+p^power-weighted CE, entropy term: the full method without memory bank and contrastive loss."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def pseudo_labels(ctx: StepContext, images: torch.Tensor) -> tuple[torch.Tensor,
 
 
 def strong_views(ctx: StepContext, images, labels, confidence, step: int):
-    """Two independently augmented views of every unlabeled image (image, pseudo-label, p together)."""
+    """Two independently augmented views of each unlabeled image (image, pseudo-label and p)."""
     settings = ctx.config.train.augment
     selftrain = ctx.config.methods.selftrain
     per_image = not ctx.official
