@@ -65,6 +65,9 @@ class ModelConfig:
     # Local torchvision-format state dict of the backbone; null = random init.
     weights: str | None = None
     output_stride: int = 16
+    # ASPP and decoder width of DeepLabv3+ (256 in the paper); the decoder map is the feature map.
+    decoder_channels: int = 256
+    # Width of the projection/prediction heads and of the memory bank vectors (D).
     feature_dim: int = 256
 
 

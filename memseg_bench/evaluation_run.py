@@ -22,8 +22,12 @@ def protocol(config: Config, family: str) -> dict:
         "eval_mode": config.evaluate.mode,
         "iterations": config.train.iterations,
     }
+    model = f"{fields['arch']}-{fields['backbone']}"
+    widths = (config.model.decoder_channels, config.model.feature_dim)
+    if widths != (256, 256):  # narrower than the paper's model: a protocol of its own
+        model += f"-w{widths[0]}x{widths[1]}"
     fields["id"] = (
-        f"{fields['dataset']}/{fields['family']}/{fields['arch']}-{fields['backbone']}"
+        f"{fields['dataset']}/{fields['family']}/{model}"
         f"/crop{fields['crop']}/{fields['eval_mode']}/it{fields['iterations']}"
     )
     return fields

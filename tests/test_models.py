@@ -49,6 +49,15 @@ def test_deeplabv3plus_shapes_and_backbone_strides(backbone, stride):
     assert torch.isfinite(logits).all()
 
 
+def test_decoder_width_sets_the_feature_channels():
+    narrow = build_segmenter(ModelConfig(decoder_channels=32), 5, MEAN, STD)
+    with torch.no_grad():
+        logits, features = narrow(images())
+    assert narrow.feature_channels == 32 and features.shape == (2, 32, 16, 16)
+    assert logits.shape == (2, 5, 16, 16)
+    assert narrow.head.aspp.project[0][0].out_channels == 32
+
+
 def test_deeplabv3plus_trains_end_to_end():
     net = build_segmenter(ModelConfig(backbone="resnet18"), 5, MEAN, STD).train()
     logits, features = net(images(2, 32))

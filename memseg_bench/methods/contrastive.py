@@ -23,8 +23,8 @@ class CentroidCosine(torch.autograd.Function):
     """cos(f_p, centroid[c_p]) * |centroid[c_p]| = f_hat_p . centroid[c_p] for every pixel.
 
     Written out so the [P, D] features are read twice forward (a thin [P, C] matmul and the row
-    norms) and the backward is one scaled copy, one in-place matmul and one [C, P] matmul; the
-    autograd of normalize + gather makes several more full passes over [P, D]."""
+    norms) and the backward is one gather of scaled centroid rows, one in-place addcmul and one
+    [C, P] matmul; the autograd of normalize + gather makes several more full passes over [P, D]."""
 
     @staticmethod
     def forward(ctx, features, centroid, index):
@@ -43,15 +43,18 @@ class CentroidCosine(torch.autograd.Function):
     def _backward(ctx, grad):
         features, centroid, index, norms, cosine = ctx.saved_tensors
         scale = grad / norms
-        # one-hot rows carrying grad_p / |f_p| in the column of the pixel's class
-        routed = features.new_zeros((features.shape[0], centroid.shape[0]))
-        routed.scatter_(1, index[:, None], scale[:, None])
         grad_features = grad_centroid = None
         if ctx.needs_input_grad[0]:
-            # d/df (f . mu / |f|) = mu / |f| - (f . mu / |f|) f / |f|^2
-            grad_features = features * (-scale * cosine / norms)[:, None]
-            grad_features.addmm_(routed, centroid)
+            # d/df (f . mu / |f|) = mu / |f| - (f . mu / |f|) f / |f|^2. embedding_bag with bags
+            # of one writes scale_p * centroid[c_p] in one pass: cheaper than a one-hot [P, C]
+            # @ [C, D] matmul, and no [P, D] temporary as with centroid[index] * scale.
+            grad_features = F.embedding_bag(
+                index[:, None], centroid, per_sample_weights=scale[:, None], mode="sum"
+            )
+            grad_features.addcmul_(features, (-scale * cosine / norms)[:, None])
         if ctx.needs_input_grad[1]:
+            routed = features.new_zeros((features.shape[0], centroid.shape[0]))
+            routed.scatter_(1, index[:, None], scale[:, None])
             grad_centroid = routed.T @ features
         return grad_features, grad_centroid, None
 

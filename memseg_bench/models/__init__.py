@@ -43,7 +43,11 @@ def build_segmenter(
         load_backbone_weights(backbone, model_cfg.weights)
     if model_cfg.arch == "deeplabv3plus":
         head = DeepLabV3PlusHead(
-            backbone.low_channels, backbone.high_channels, num_classes, model_cfg.output_stride
+            backbone.low_channels,
+            backbone.high_channels,
+            num_classes,
+            model_cfg.output_stride,
+            model_cfg.decoder_channels,
         )
     elif model_cfg.arch == "deeplabv2":
         head = DeepLabV2Head(backbone.high_channels, num_classes, official=official)

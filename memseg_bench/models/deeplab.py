@@ -59,18 +59,25 @@ class ASPP(nn.Module):
 
 
 class DeepLabV3PlusHead(nn.Module):
-    def __init__(self, low_ch: int, high_ch: int, num_classes: int, output_stride: int) -> None:
+    def __init__(
+        self,
+        low_ch: int,
+        high_ch: int,
+        num_classes: int,
+        output_stride: int,
+        channels: int = ASPP_CHANNELS,
+    ) -> None:
         super().__init__()
         rates = [rate * 16 // output_stride for rate in V3PLUS_RATES]
-        self.aspp = ASPP(high_ch, rates)
+        self.aspp = ASPP(high_ch, rates, channels)
         self.low_project = conv_bn_relu(low_ch, LOW_LEVEL_CHANNELS)
         self.decoder = nn.Sequential(
-            conv_bn_relu(ASPP_CHANNELS + LOW_LEVEL_CHANNELS, ASPP_CHANNELS, 3),
-            conv_bn_relu(ASPP_CHANNELS, ASPP_CHANNELS, 3),
+            conv_bn_relu(channels + LOW_LEVEL_CHANNELS, channels, 3),
+            conv_bn_relu(channels, channels, 3),
         )
         self.dropout = nn.Dropout(0.1)
-        self.classifier = nn.Conv2d(ASPP_CHANNELS, num_classes, 1)
-        self.feature_channels = ASPP_CHANNELS
+        self.classifier = nn.Conv2d(channels, num_classes, 1)
+        self.feature_channels = channels
         for module in self.modules():
             if isinstance(module, nn.Conv2d) and module is not self.classifier:
                 nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
