@@ -88,11 +88,15 @@ def test_classes_occur_with_clutter_occlusion_and_ignore_bands():
     assert np.mean(per_image) >= 2.0  # several objects per image
     assert 0.2 < (ignore_share > 0).mean() < 1.0  # bands on some objects only
     assert ignore_share.max() < 0.2
-    # Colour says nothing: the mean colours of the classes overlap (class means within a
-    # fraction of the spread of the instances).
-    means = np.array([np.mean(colours[k], 0) for k in colours])
-    spread = np.mean([np.std(colours[k], 0) for k in colours])
-    assert np.ptp(means, axis=0).max() < spread
+    # Colour is a class tendency, not the class: the nearest class-mean colour names the class
+    # of an object far better than chance (1/6) but wrongly for a large share of them.
+    means = {k: np.mean(colours[k], 0) for k in colours}
+    hits = [
+        min(means, key=lambda j: np.linalg.norm(colour - means[j])) == k
+        for k in colours
+        for colour in colours[k]
+    ]
+    assert 0.3 < np.mean(hits) < 0.8
 
 
 def test_generation_is_fast(tmp_path):
