@@ -91,7 +91,7 @@ class TrainData:
 
 def open_train_data(config: Config, spec: RunSpec, dist: distributed.Dist) -> TrainData:
     from memseg_bench.data.datasets import open_dataset
-    from memseg_bench.data.loader import SegmentationDataset, infinite_batches
+    from memseg_bench.data.loader import BatchStream, SegmentationDataset
     from memseg_bench.data.splits import load_split, split_hash
     from memseg_bench.methods import METHODS
 
@@ -112,7 +112,7 @@ def open_train_data(config: Config, spec: RunSpec, dist: distributed.Dist) -> Tr
             seed=spec.seed + offset,
             input_scale=config.data.input_scale,
         )
-        return infinite_batches(
+        return BatchStream(
             dataset,
             batch,
             seed=spec.seed + offset,
@@ -372,30 +372,11 @@ class Trainer:
             self.curve.write(self.curve_path, self.bank_curve_path)
 
     def validate(self) -> None:
-        from memseg_bench.data.loader import SegmentationDataset
-        from memseg_bench.evaluate import evaluate_segmenter
+        from memseg_bench.evaluate import score_split
 
         if self.dist.is_main:
-            index = self.data.index
-            dataset = SegmentationDataset(
-                index,
-                "val",
-                index.ids("val"),
-                crop=None,
-                train=False,
-                seed=0,
-                input_scale=self.config.data.input_scale,
-            )
-            scores = evaluate_segmenter(
-                self.model["net"],
-                dataset,
-                self.num_classes,
-                self.data.class_names,
-                mode=self.config.evaluate.mode,
-                window=self.config.evaluate.window,
-                stride=self.config.evaluate.stride,
-                device=self.device,
-                progress=False,
+            scores = score_split(
+                self.model["net"], self.data.index, "val", self.config, self.device, progress=False
             )
             self.curve.rows[-1]["val_miou"] = scores["miou"]
             self.curve.write(self.curve_path, self.bank_curve_path)

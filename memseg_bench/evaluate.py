@@ -167,3 +167,32 @@ def evaluate_segmenter(
     result["num_images"] = seen
     result["eval_mode"] = mode
     return result
+
+
+def score_split(segmenter, index, split: str, config, device, progress: bool = True) -> dict:
+    """Score a segmenter on one split of an opened dataset with the protocol's evaluate settings
+    (mode, window, stride, batch) and the data's input scale."""
+    from memseg_bench.data.loader import SegmentationDataset
+
+    dataset = SegmentationDataset(
+        index,
+        split,
+        index.ids(split),
+        crop=None,
+        train=False,
+        seed=0,
+        input_scale=config.data.input_scale,
+    )
+    settings = config.evaluate
+    return evaluate_segmenter(
+        segmenter,
+        dataset,
+        len(index.class_names),
+        index.class_names,
+        mode=settings.mode,
+        window=settings.window,
+        stride=settings.stride,
+        device=device,
+        batch=settings.batch,
+        progress=progress,
+    )

@@ -42,30 +42,11 @@ def _sha256(path: Path) -> str:
 
 
 def _score(model_file: Path, config: Config, index, split: str, device) -> dict:
-    from memseg_bench.data.loader import SegmentationDataset
-    from memseg_bench.evaluate import evaluate_segmenter
+    from memseg_bench.evaluate import score_split
     from memseg_bench.models import load_segmenter
 
     segmenter, _ = load_segmenter(model_file)
-    dataset = SegmentationDataset(
-        index,
-        split,
-        index.ids(split),
-        crop=None,
-        train=False,
-        seed=0,
-        input_scale=config.data.input_scale,
-    )
-    return evaluate_segmenter(
-        segmenter.to(device),
-        dataset,
-        len(index.class_names),
-        index.class_names,
-        mode=config.evaluate.mode,
-        window=config.evaluate.window,
-        stride=config.evaluate.stride,
-        device=device,
-    )
+    return score_split(segmenter.to(device), index, split, config, device)
 
 
 def evaluate_run(run_dir: Path, metrics_dir: Path) -> dict:

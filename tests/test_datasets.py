@@ -13,7 +13,7 @@ from memseg_bench.data.datasets import (
     load_sample,
     open_dataset,
 )
-from memseg_bench.data.loader import SegmentationDataset, epoch_plan, infinite_batches
+from memseg_bench.data.loader import BatchStream, SegmentationDataset, epoch_plan
 from memseg_bench.errors import UserError
 from tests.fakes import make_camvid, make_cityscapes, make_folder, make_voc
 
@@ -221,19 +221,19 @@ def take(stream, n):
 
 
 def test_stream_is_deterministic_and_resumable(train_dataset):
-    first = take(infinite_batches(train_dataset, 2, seed=11), 9)  # 3 batches an epoch
+    first = take(BatchStream(train_dataset, 2, seed=11), 9)  # 3 batches an epoch
     assert all(b["image"].shape == (2, 3, 8, 8) for b in first)
-    again = take(infinite_batches(train_dataset, 2, seed=11), 9)
+    again = take(BatchStream(train_dataset, 2, seed=11), 9)
     for a, b in zip(first, again, strict=True):
         assert a["id"] == b["id"] and torch.equal(a["image"], b["image"])
-    other = take(infinite_batches(train_dataset, 2, seed=12), 9)
+    other = take(BatchStream(train_dataset, 2, seed=12), 9)
     assert [b["id"] for b in other] != [b["id"] for b in first]
 
-    stream = infinite_batches(train_dataset, 2, seed=11)
+    stream = BatchStream(train_dataset, 2, seed=11)
     take(stream, 4)
     state = stream.state()
     assert state == {"epoch": 1, "position": 1}
-    resumed = take(infinite_batches(train_dataset, 2, seed=11, start_state=state), 5)
+    resumed = take(BatchStream(train_dataset, 2, seed=11, start_state=state), 5)
     for a, b in zip(first[4:], resumed, strict=True):
         assert a["id"] == b["id"] and torch.equal(a["image"], b["image"])
         assert torch.equal(a["label"], b["label"])
@@ -242,13 +242,13 @@ def test_stream_is_deterministic_and_resumable(train_dataset):
 
 
 def test_stream_does_not_depend_on_workers(train_dataset):
-    serial = take(infinite_batches(train_dataset, 2, seed=4), 4)
-    parallel = take(infinite_batches(train_dataset, 2, seed=4, workers=2), 4)
+    serial = take(BatchStream(train_dataset, 2, seed=4), 4)
+    parallel = take(BatchStream(train_dataset, 2, seed=4, workers=2), 4)
     for a, b in zip(serial, parallel, strict=True):
         assert a["id"] == b["id"] and torch.equal(a["image"], b["image"])
 
 
 def test_stream_ranks_split_each_epoch(train_dataset):
-    ranks = [infinite_batches(train_dataset, 1, seed=2, rank=r, world_size=2) for r in range(2)]
+    ranks = [BatchStream(train_dataset, 1, seed=2, rank=r, world_size=2) for r in range(2)]
     seen = [b["id"][0] for stream in ranks for b in take(stream, 4)]  # 8 = 7 + 1 wrapped
     assert set(seen) == set(train_dataset.ids)

@@ -158,3 +158,25 @@ def test_evaluate_half_resolution_input_full_resolution_label():
     assert result["num_images"] == 2
     assert result["eval_mode"] == "sliding"
     assert result["pixel_accuracy"] > 0.6
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_score_split_uses_the_protocols_batch_and_scale(batch, tmp_path):
+    from memseg_bench.config import config_from_dict
+    from memseg_bench.data.datasets import open_dataset
+    from memseg_bench.evaluate import score_split
+    from tests.fakes import make_folder
+
+    make_folder(tmp_path, counts={"train": 2, "val": 6}, size=(8, 12), num_classes=3)
+    config = config_from_dict(
+        {
+            "data": {"name": "folder", "root": str(tmp_path), "input_scale": 0.5},
+            "evaluate": {"batch": batch},
+        }
+    )
+    model = PixelSegmenter(num_classes=3)
+    sizes = []
+    model.register_forward_hook(lambda module, args, out: sizes.append(tuple(args[0].shape)))
+    result = score_split(model, open_dataset(config.data), "val", config, "cpu", progress=False)
+    assert result["num_images"] == 6
+    assert sizes == [(batch, 3, 4, 6)] * (6 // batch)

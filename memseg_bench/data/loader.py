@@ -215,20 +215,3 @@ class BatchStream:
         if self.position == self.batches_per_epoch:
             self.epoch, self.position = self.epoch + 1, 0
         return batch
-
-
-def infinite_batches(
-    dataset: SegmentationDataset,
-    batch_size: int,
-    seed: int,
-    rank: int = 0,
-    world_size: int = 1,
-    workers: int = 0,
-    pin_memory: bool = False,
-    drop_last: bool = True,
-    start_state: dict | None = None,
-) -> BatchStream:
-    """Collated batches forever: a new (seed, epoch) permutation every epoch, this rank's shard."""
-    return BatchStream(
-        dataset, batch_size, seed, rank, world_size, workers, pin_memory, drop_last, start_state
-    )
