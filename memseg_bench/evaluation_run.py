@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from memseg_bench.config import Config, config_from_dict
+from memseg_bench.config import Config, ModelConfig, config_from_dict
 from memseg_bench.errors import UserError
 from memseg_bench.fileio import read_json, write_json, write_text
 from memseg_bench.runs import parse_run_name
@@ -24,7 +24,8 @@ def protocol(config: Config, family: str) -> dict:
     }
     model = f"{fields['arch']}-{fields['backbone']}"
     widths = (config.model.decoder_channels, config.model.feature_dim)
-    if widths != (256, 256):  # narrower than the paper's model: a protocol of its own
+    paper = ModelConfig()
+    if widths != (paper.decoder_channels, paper.feature_dim):  # a protocol of its own
         model += f"-w{widths[0]}x{widths[1]}"
     fields["id"] = (
         f"{fields['dataset']}/{fields['family']}/{model}"

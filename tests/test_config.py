@@ -14,7 +14,6 @@ from memseg_bench.errors import UserError
 
 
 def test_defaults_round_trip_through_yaml(tmp_path):
-
     config = config_from_dict({"preset": "embedded"})
     path = tmp_path / "params.yaml"
     path.write_text(dump_config(config))

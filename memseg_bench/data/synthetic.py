@@ -60,7 +60,7 @@ class SceneParams:
     noise: tuple[float, float] = (1.0, 2.0)  # pixel noise sigma
     band_prob: float = 0.5  # share of objects with an ignore band on their border
     # Hue range of an object's base colour around its class's own hue, as a fraction of the
-    # colour circle; 1.0 draws any colour (colour then says nothing about the class).
+    # colour circle; 1.0 draws any hue (colour then says nothing about the class).
     hue_spread: float = 0.25
 
 
@@ -159,10 +159,7 @@ def _class_colour(rng: np.random.Generator, cls: int, spread: float) -> np.ndarr
     return (255.0 * value * (1.0 - saturation * (1.0 - rgb))).astype(np.float32)
 
 
-def _paint(
-    image: np.ndarray, mask: np.ndarray, pattern: np.ndarray, rng, contrast, base=None
-) -> None:
-    base = _random_colour(rng) if base is None else base
+def _paint(image: np.ndarray, mask: np.ndarray, pattern: np.ndarray, rng, base, contrast) -> None:
     delta = rng.choice([-1.0, 1.0]) * rng.uniform(*contrast) + rng.normal(0, 12, 3)
     other = np.clip(base + delta, 0, 255).astype(np.float32)
     colours = base + pattern[..., None] * (other - base)
@@ -211,7 +208,7 @@ def render_sample(
         u, v = _local(xx, yy, cx, cy, radius, rng.uniform(0, np.pi))
         mask = (u / 1.2) ** 2 + (v / rng.uniform(0.25, 0.45)) ** 2 <= 1.0
         pattern = _texture(int(rng.integers(1, 7)), u, v, rng, size)
-        _paint(image, mask, pattern, rng, contrast=params.distractor_contrast)
+        _paint(image, mask, pattern, rng, _random_colour(rng), params.distractor_contrast)
 
     # Objects, painted in order: later ones occlude earlier ones in the image and the label.
     for _ in range(rng.integers(params.objects[0], params.objects[1] + 1)):
@@ -223,8 +220,8 @@ def render_sample(
         if not mask.any():
             continue
         pattern = _texture(cls, u, v, rng, size)
-        base = None if params.hue_spread >= 1.0 else _class_colour(rng, cls, params.hue_spread)
-        _paint(image, mask, pattern, rng, contrast=params.object_contrast, base=base)
+        base = _class_colour(rng, cls, params.hue_spread)
+        _paint(image, mask, pattern, rng, base, params.object_contrast)
         shade = (u * rng.uniform(-1, 1) + v * rng.uniform(-1, 1))[..., None] * rng.uniform(5, 20)
         image[mask] += shade[mask]
         label[mask] = cls
