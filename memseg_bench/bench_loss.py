@@ -150,14 +150,14 @@ def build_heads(num_classes: int, device: str, dtype_name: str):
     """Student selectors and the teacher's projection + feature selector (eval mode)."""
     import torch
 
-    from memseg_bench.models.heads import ClassSelectors, mlp
+    from memseg_bench.models.heads import ClassSelectors, pixel_head
 
     dtype = getattr(torch, dtype_name)
     torch.manual_seed(0)
     heads = {
         "selectors_feature": ClassSelectors(num_classes, DIM),
         "selectors_memory": ClassSelectors(num_classes, DIM),
-        "teacher_projection": mlp(DIM, DIM, DIM, torch.nn.ReLU(inplace=True)).eval(),
+        "teacher_projection": pixel_head(DIM, DIM).eval(),
         "teacher_selectors": ClassSelectors(num_classes, DIM).eval(),
     }
     return {name: module.to(device=device, dtype=dtype) for name, module in heads.items()}
@@ -183,14 +183,17 @@ def term_ours(inputs: Inputs, heads: dict, num_classes: int):
 def bank_update_ours(inputs: Inputs, heads: dict, k: int):
     import torch
 
-    from memseg_bench.methods.memory_bank import insert, quality_mask
+    from memseg_bench.methods.memory_bank import best_per_class, insert, quality_mask
+    from memseg_bench.models.heads import only
 
     with torch.no_grad():
-        keep = quality_mask(inputs.teacher_labels, inputs.teacher_pred, inputs.teacher_conf)
-        classes = inputs.teacher_labels[keep]
-        projected = heads["teacher_projection"](inputs.teacher_features[keep])
+        labels = inputs.teacher_labels
+        keep = quality_mask(labels, inputs.teacher_pred, inputs.teacher_conf)
+        classes = torch.where(keep, labels, torch.full_like(labels, 255))
+        projected = heads["teacher_projection"](inputs.teacher_features, only(keep))
         scores = heads["teacher_selectors"](projected, classes)
-        inputs.bank = insert(inputs.bank, projected, classes, scores, k, "highest")
+        best = best_per_class(projected, classes, scores, k, inputs.bank["count"].shape[0], True)
+        inputs.bank = insert(inputs.bank, *best, k, "highest")
 
 
 def numpy_bank(bank: dict) -> list:
@@ -215,8 +218,10 @@ def term_pairwise(inputs: Inputs, heads: dict, num_classes: int, memory_np: list
             memory = torch.from_numpy(memory_np[c]).to(device)
             if rows.shape[0] < 2 or memory.shape[0] < 2:
                 continue
-            s_f = torch.sigmoid(heads["selectors_feature"].mlps[c](rows.detach()))[:, 0]
-            s_m = torch.sigmoid(heads["selectors_memory"].mlps[c](memory))[:, 0]
+            s_f = torch.sigmoid(heads["selectors_feature"].mlp.forward_group(rows.detach(), c))[
+                :, 0
+            ]
+            s_m = torch.sigmoid(heads["selectors_memory"].mlp.forward_group(memory, c))[:, 0]
             term = term + class_distance(rows, memory, s_f, s_m)
         total = total + 0.1 * term / num_classes
     return total
@@ -232,12 +237,14 @@ def bank_update_pairwise(inputs: Inputs, heads: dict, k: int, memory_np: list):
     with torch.no_grad():
         keep = quality_mask(inputs.teacher_labels, inputs.teacher_pred, inputs.teacher_conf)
         classes = inputs.teacher_labels[keep].cpu().numpy()
-        projected = heads["teacher_projection"](inputs.teacher_features[keep]).cpu().numpy()
+        projected = heads["teacher_projection"].forward_group(inputs.teacher_features[keep], 0)
+        projected = projected.cpu().numpy()
         for c in np.unique(classes).tolist():
             rows = projected[classes == c]
             if rows.shape[0] > k:
-                selector = heads["teacher_selectors"].mlps[c]
-                scores = torch.sigmoid(selector(torch.from_numpy(rows).to(device)))[:, 0]
+                selector = heads["teacher_selectors"].mlp
+                rows_t = torch.from_numpy(rows).to(device)
+                scores = torch.sigmoid(selector.forward_group(rows_t, c))[:, 0]
                 rows = rows[np.argsort(-scores.cpu().numpy(), kind="stable")[:k]]
             memory_np[c] = np.concatenate([rows, memory_np[c]])[:MEMORY]
 

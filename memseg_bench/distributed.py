@@ -73,28 +73,17 @@ def gather_objects(value, info: Dist) -> list:
     return values
 
 
-def gather_rows(tensors: list[torch.Tensor | None], info: Dist) -> list[torch.Tensor | None]:
-    """Concatenate per-rank row tensors (same row count within a rank) in rank order, identically on
-    every rank. Rows may differ in number between ranks; None entries stay None."""
+def gather_rows(tensors: list[torch.Tensor], info: Dist) -> list[torch.Tensor]:
+    """Concatenate per-rank row tensors in rank order, identically on every rank. Every rank must
+    pass tensors of the same shapes (the memory candidates are a fixed C x k rows per rank), so no
+    row count is exchanged and nothing waits on the host."""
     if not info.enabled:
         return tensors
-    present = [t for t in tensors if t is not None]
-    rows = present[0].shape[0] if present else 0
-    count = torch.tensor([rows], device=info.device)
-    counts = [torch.zeros_like(count) for _ in range(info.world_size)]
-    dist.all_gather(counts, count)
-    sizes = [int(c.item()) for c in counts]
-    largest = max(sizes)
-    gathered: list[torch.Tensor | None] = []
+    gathered = []
     for tensor in tensors:
-        if tensor is None:
-            gathered.append(None)
-            continue
-        padded = torch.zeros((largest, *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
-        padded[: tensor.shape[0]] = tensor
-        parts = [torch.empty_like(padded) for _ in range(info.world_size)]
-        dist.all_gather(parts, padded.contiguous())
-        gathered.append(torch.cat([p[:n] for p, n in zip(parts, sizes, strict=True)]))
+        parts = [torch.empty_like(tensor) for _ in range(info.world_size)]
+        dist.all_gather(parts, tensor.contiguous())
+        gathered.append(torch.cat(parts))
     return gathered
 
 

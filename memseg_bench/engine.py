@@ -59,7 +59,7 @@ def build_models(config: Config, spec: RunSpec, num_classes: int, device: torch.
         config.model, num_classes, config.data.mean, config.data.std, official=is_official(config)
     )
     if config.train.sync_bn and torch.distributed.is_initialized():
-        # Only the segmenter: the per-class heads make a rank-dependent number of BN calls.
+        # Only the segmenter: the heads normalise over each rank's own pixels of a class.
         net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
     if config.train.compile:
         net.compile()  # in place: state_dict keys stay those of the plain module
@@ -317,8 +317,10 @@ class Trainer:
             labeled["image"] = labeled["image"].contiguous(memory_format=torch.channels_last)
         self.model.train()
         if train.freeze_bn:
+            from memseg_bench.models.grouped_mlp import GroupedMLP
+
             for module in self.model.modules():
-                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                if isinstance(module, (nn.modules.batchnorm._BatchNorm, GroupedMLP)):
                     module.eval()
         autocast = torch.autocast(
             self.device.type, dtype=torch.bfloat16, enabled=train.amp == "bf16"

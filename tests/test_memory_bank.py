@@ -1,9 +1,16 @@
-"""Memory bank: FIFO order, the quality filter, ranked insertion, the k rule, state round trip."""
+"""Memory bank: FIFO order, the quality filter, ranked insertion, per-rank preselection, the k rule,
+state round trip."""
 
 import pytest
 import torch
 
-from memseg_bench.methods.memory_bank import insert, k_per_class, new_bank, quality_mask
+from memseg_bench.methods.memory_bank import (
+    best_per_class,
+    insert,
+    k_per_class,
+    new_bank,
+    quality_mask,
+)
 
 
 def tagged(values, classes, dim=3):
@@ -73,6 +80,40 @@ def test_ignored_and_masked_rows_never_enter():
     bank = insert(new_bank(2, 4, 3, "cpu"), feats, classes, None, k=4, valid=valid)
     assert tags(bank, 0) == [1.0]
     assert tags(bank, 1) == [3.0]
+
+
+@pytest.mark.parametrize("order", ["highest", "lowest"])
+def test_best_per_class_of_each_rank_then_insert_equals_insert_of_all(order):
+    gen = torch.Generator().manual_seed(3)
+    rows = 40
+    features = torch.randn(rows, 3, generator=gen)
+    classes = torch.randint(0, 5, (rows,), generator=gen)  # 4 (and 255) are not bank classes
+    classes[::7] = 255
+    keys = torch.randint(0, 6, (rows,), generator=gen).float()  # many ties
+    k = 3
+    start = new_bank(4, 6, 3)
+    start = insert(start, *tagged(range(100, 108), [0, 1, 2, 3] * 2), None, 4)
+    expected = insert(start, features, classes, keys, k, order)
+    descending = order == "highest"
+    halves = [
+        best_per_class(f, c, s, k, 4, descending)
+        for f, c, s in zip(features.chunk(2), classes.chunk(2), keys.chunk(2), strict=True)
+    ]
+    assert all(half[0].shape == (4 * k, 3) for half in halves)  # fixed shape for all_gather
+    gathered = [torch.cat(parts) for parts in zip(*halves, strict=True)]
+    got = insert(start, *gathered, k, order)
+    torch.testing.assert_close(got["features"], expected["features"])
+    assert torch.equal(got["count"], expected["count"])
+
+
+def test_best_per_class_marks_unfilled_slots():
+    features, classes = tagged([1, 2, 3], [2, 2, 0])
+    rows, chosen, keys = best_per_class(
+        features, classes, torch.tensor([0.1, 0.9, 0.5]), 2, 3, True
+    )
+    assert chosen.tolist() == [0, 3, 3, 3, 2, 2]  # class 0: one row, class 1: none
+    assert rows[:, 0].tolist()[0] == 3 and rows[4:, 0].tolist() == [2, 1]
+    assert keys[4:].tolist() == pytest.approx([0.9, 0.1])
 
 
 def test_quality_filter_keeps_correct_confident_pixels():

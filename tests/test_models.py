@@ -202,73 +202,43 @@ def test_bad_output_stride_is_a_user_error():
         build_segmenter(ModelConfig(backbone="mobilenet_v3_large", output_stride=8), 3, MEAN, STD)
 
 
-def _reference_scores(selectors: ClassSelectors, x: torch.Tensor, classes: torch.Tensor):
-    expected = torch.empty(x.shape[0])
-    for c in classes.unique().tolist():
-        rows = classes == c
-        net = selectors.mlps[c]
-        if rows.sum() == 1:
-            net.eval()
-        expected[rows] = torch.sigmoid(net(x[rows])[:, 0])
-        net.train()
-    return expected
-
-
-def test_class_selectors_per_class_batchnorm_and_singleton():
+def test_class_selectors_score_per_class_in_unit_interval():
     torch.manual_seed(0)
     selectors = ClassSelectors(4, 16).train()
-    for net in selectors.mlps:  # non-trivial running statistics for the singleton path
-        net[1].running_mean.uniform_(-1, 1)
-        net[1].running_var.uniform_(0.5, 2)
     x = torch.randn(9, 16, requires_grad=True)
-    classes = torch.tensor([2, 0, 2, 3, 0, 2, 0, 0, 2])  # class 3 is a singleton, 1 absent
-    running = [net[1].running_mean.clone() for net in selectors.mlps]
-    reference = ClassSelectors(4, 16)
-    reference.load_state_dict(selectors.state_dict())
-    expected = _reference_scores(reference.train(), x.detach(), classes)
+    classes = torch.tensor([2, 0, 255, 3, 0, 2, 0, 0, 2])  # 255 left out, class 1 absent
     scores = selectors(x, classes)
     assert scores.shape == (9,)
-    torch.testing.assert_close(scores, expected)
     assert ((scores > 0) & (scores < 1)).all()
-    # Batch statistics of one class only: changing class-0 rows leaves class-2 scores alone.
-    moved = x.detach().clone()
-    moved[classes == 0] = torch.randn(4, 16)
-    again = selectors(moved, classes)
-    torch.testing.assert_close(again[classes == 2], scores[classes == 2].detach())
-    assert not torch.allclose(again[classes == 0], scores[classes == 0].detach())
-    # The absent class's BN statistics were not touched; present classes were updated.
-    torch.testing.assert_close(selectors.mlps[1][1].running_mean, running[1])
-    assert not torch.allclose(selectors.mlps[0][1].running_mean, running[0])
-    scores.sum().backward()
-    assert x.grad is not None and x.grad.abs().sum() > 0
-    assert selectors.mlps[1][0].weight.grad is None
+    expected = torch.sigmoid(selectors.mlp.eval().forward_group(x[classes == 2], 2))[:, 0]
+    assert not torch.allclose(scores[classes == 2], expected)  # batch, not running, statistics
+    scores[classes != 255].sum().backward()
+    assert x.grad[classes != 255].abs().sum() > 0 and (x.grad[classes == 255] == 0).all()
 
 
-def test_class_selectors_score_all_and_errors():
+def test_class_selectors_score_all_skips_empty_slots():
     torch.manual_seed(0)
-    selectors = ClassSelectors(3, 8).eval()
+    selectors = ClassSelectors(3, 8).train()
     memory = torch.randn(3, 5, 8)
-    scores = selectors.score_all(memory)
+    filled = torch.arange(5)[None, :] < torch.tensor([[5], [2], [0]])
+    scores = selectors.score_all(memory, filled)
     assert scores.shape == (3, 5)
-    classes = torch.arange(3)[:, None].expand(3, 5).reshape(-1)
-    torch.testing.assert_close(scores.reshape(-1), selectors(memory.reshape(15, 8), classes))
-    assert selectors(torch.zeros(0, 8), torch.zeros(0, dtype=torch.long)).shape == (0,)
-    with pytest.raises(ValueError):
-        selectors(torch.randn(2, 8), torch.tensor([0, 3]))
-    selectors.train()
-    assert selectors.score_all(torch.randn(3, 1, 8)).shape == (3, 1)
+    moved = memory.clone()
+    moved[~filled] = 100.0  # what lies in an empty slot changes nothing
+    torch.testing.assert_close(selectors.score_all(moved, filled)[filled], scores[filled])
+    assert selectors.score_all(memory).shape == (3, 5)
 
 
 def test_build_heads_shapes():
     heads = build_heads(512, 4, 32).train()
     assert set(heads) == {"projection", "prediction", "selectors_feature", "selectors_memory"}
     pixels = torch.randn(10, 512)
-    projected = heads["projection"](pixels)
+    valid = torch.zeros(10, dtype=torch.long)
+    projected = heads["projection"](pixels, valid)
     assert projected.shape == (10, 32)
-    assert heads["prediction"](projected).shape == (10, 32)
-    assert isinstance(heads["projection"][1], torch.nn.BatchNorm1d)
+    assert heads["prediction"](projected, valid).shape == (10, 32)
     assert isinstance(heads["selectors_memory"], ClassSelectors)
-    assert heads["selectors_feature"].mlps[0][-1].out_features == 1
+    assert heads["selectors_feature"].mlp.weight2.shape == (4, 1, 32)
 
 
 def write_model_file(path, config: Config | None = None, num_classes: int = 3):

@@ -63,10 +63,59 @@ def k_per_class(
     return batch_labeled * k
 
 
-def _random_keys(count: int, like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def random_keys(count: int, like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Uniform keys for a random choice: the k lowest of them are a uniform random subset."""
     if generator is None:
         return torch.rand(count, device=like.device)
     return torch.rand(count, device=generator.device, generator=generator).to(like.device)
+
+
+def _group_by_class(classes, keys, descending, num_classes):
+    """Row order grouped by class (sentinel C last), by key within a class (ties keep the input
+    order), and the start and size of every class's run in it. bincount would synchronise with the
+    host on CUDA; index_add does not."""
+    by_key = torch.argsort(keys, descending=descending, stable=True)
+    by_class = by_key[torch.argsort(classes[by_key], stable=True)]
+    sizes = torch.zeros(num_classes + 1, dtype=torch.long, device=classes.device)
+    sizes = sizes.index_add_(0, classes, torch.ones_like(classes))[:num_classes]
+    return by_class, torch.cumsum(sizes, 0) - sizes, sizes
+
+
+def _usable_classes(classes, num_classes, valid=None):
+    """Class ids with every row that must not enter the bank set to the sentinel C."""
+    usable = (classes >= 0) & (classes < num_classes)
+    if valid is not None:
+        usable = usable & valid.to(classes.device)
+    return torch.where(usable, classes, torch.full_like(classes, num_classes))
+
+
+def best_per_class(
+    features: torch.Tensor,
+    classes: torch.Tensor,
+    keys: torch.Tensor,
+    k: int,
+    num_classes: int,
+    descending: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The k best rows of every class by key, as exactly C * k rows (class-major, best first);
+    slots a class cannot fill get the class C, which `insert` skips. The fixed shape lets ranks
+    all-gather their candidates without exchanging counts; `insert` of the gathered rows keeps
+    what it would keep from all candidates, since the global k best of a class are among the
+    per-rank k best."""
+    rows = features.shape[0]
+    classes = _usable_classes(classes.to(features.device), num_classes)
+    if rows == 0:
+        return (
+            features.new_zeros((num_classes * k, features.shape[1])),
+            classes.new_full((num_classes * k,), num_classes),
+            keys.new_zeros((num_classes * k,)),
+        )
+    by_class, starts, sizes = _group_by_class(classes, keys, descending, num_classes)
+    slots = torch.arange(k, device=features.device)
+    picked = by_class[(starts[:, None] + slots).clamp(max=rows - 1)].flatten()
+    ids = torch.arange(num_classes, device=features.device)[:, None]
+    chosen = torch.where(slots < sizes[:, None], ids, torch.full_like(ids, num_classes))
+    return features[picked], chosen.flatten(), keys[picked]
 
 
 def insert(
@@ -93,23 +142,12 @@ def insert(
     if num_rows == 0 or k <= 0:
         return {"features": memory.clone(), "count": count.clone()}
     device = memory.device
-    classes = classes.to(device)
-    usable = (classes >= 0) & (classes < num_classes)
-    if valid is not None:
-        usable = usable & valid.to(device)
-    # Unusable rows get the sentinel class C and sort after every real class.
-    classes = torch.where(usable, classes, torch.full_like(classes, num_classes))
+    classes = _usable_classes(classes.to(device), num_classes, valid)
     if scores is None or order == "random":
-        keys, descending = _random_keys(num_rows, classes, generator), False
+        keys, descending = random_keys(num_rows, classes, generator), False
     else:
         keys, descending = scores.detach().to(device), order == "highest"
-    # Rank by score, then (stably) group by class: rows of class c are sorted by score.
-    by_score = torch.argsort(keys, descending=descending, stable=True)
-    by_class = by_score[torch.argsort(classes[by_score], stable=True)]
-    # candidates per class (bincount would synchronise with the host on CUDA)
-    sizes = torch.zeros(num_classes + 1, dtype=torch.long, device=device)
-    sizes = sizes.index_add_(0, classes, torch.ones_like(classes))[:num_classes]
-    starts = torch.cumsum(sizes, 0) - sizes
+    by_class, starts, sizes = _group_by_class(classes, keys, descending, num_classes)
     taken = sizes.clamp(max=k)  # new vectors per class [C]
     slots = torch.arange(size, device=device)
     # Slot r of class c: new candidate r if r < taken_c, else old slot r - taken_c.

@@ -9,7 +9,14 @@ from torch.nn import functional as F
 from memseg_bench.methods import selftrain
 from memseg_bench.methods.context import StepContext, flatten_pixels, labels_at, teacher_forward
 from memseg_bench.methods.contrastive import contrastive_loss
-from memseg_bench.methods.memory_bank import insert, k_per_class, quality_mask
+from memseg_bench.methods.memory_bank import (
+    best_per_class,
+    insert,
+    k_per_class,
+    quality_mask,
+    random_keys,
+)
+from memseg_bench.models.heads import only
 
 
 def rank_order(ctx: StepContext) -> str:
@@ -26,28 +33,18 @@ def memory_scores(ctx: StepContext) -> torch.Tensor | None:
     if ctx.official or not ctx.config.methods.memseg.feature_weights:
         return None
     bank = ctx.bank
-    num_classes, size, _ = bank["features"].shape
-    filled = torch.arange(size, device=bank["count"].device)[None] < bank["count"][:, None]
-    classes = torch.arange(num_classes, device=filled.device)[:, None].expand(-1, size)
-    scores = torch.zeros(filled.shape, device=filled.device, dtype=bank["features"].dtype)
-    rows = bank["features"][filled]
-    if rows.shape[0] > 0:
-        scores = scores.masked_scatter(
-            filled, ctx.model["heads"]["selectors_memory"](rows, classes[filled]).to(scores.dtype)
-        )
-    return scores
+    filled = torch.arange(bank["features"].shape[1], device=bank["count"].device)
+    filled = filled[None] < bank["count"][:, None]
+    return ctx.model["heads"]["selectors_memory"].score_all(bank["features"], filled)
 
 
 def pixel_term(ctx: StepContext, features: torch.Tensor, labels: torch.Tensor, mem_scores):
-    """Contrastive loss of student pixels (projection then prediction head) against the memory."""
+    """Contrastive loss of student pixels (projection then prediction head) against the memory.
+    Ignored pixels stay in the tensors, out of the heads' statistics and of the loss."""
     heads = ctx.model["heads"]
     classes = labels_at(labels, features.shape[-2:]).flatten()
-    valid = classes != 255
-    pixels = flatten_pixels(features)[valid]
-    classes = classes[valid]
-    if pixels.shape[0] < 2:
-        return features.sum() * 0.0
-    embedded = heads["prediction"](heads["projection"](pixels))
+    valid = only(classes != 255)
+    embedded = heads["prediction"](heads["projection"](flatten_pixels(features), valid), valid)
     scores = None
     if ctx.config.methods.memseg.feature_weights:
         scores = heads["selectors_feature"](embedded.detach(), classes)
@@ -83,8 +80,9 @@ def losses(ctx: StepContext, labeled: dict, unlabeled: dict | None, step: int):
 
 @torch.no_grad()
 def bank_candidates(ctx: StepContext, images: torch.Tensor, labels: torch.Tensor):
-    """Teacher features of the labeled pixels that pass the quality filter, projected, with their
-    classes and the teacher's selector scores (None when insertion is not ranked)."""
+    """Teacher features of every labeled pixel, projected, with their class where the pixel passes
+    the quality filter (255 elsewhere) and their ranking keys: the teacher's selector scores, or
+    random keys when insertion is not ranked."""
     settings = ctx.config.methods.memseg
     logits, features = teacher_forward(ctx, images)
     confidence, prediction = F.softmax(logits.float(), dim=1).max(dim=1)
@@ -96,42 +94,33 @@ def bank_candidates(ctx: StepContext, images: torch.Tensor, labels: torch.Tensor
         threshold=settings.quality_threshold,
         enabled=settings.quality_filter,
     )
-    classes = labels[keep]
-    pixels = flatten_pixels(features)[keep]
+    classes = torch.where(keep, labels, torch.full_like(labels, 255))
     heads = ctx.teacher["heads"]
-    dim = ctx.bank["features"].shape[-1]
-    ranked = rank_order(ctx) != "random"
-    if pixels.shape[0] < 2:  # BatchNorm in a train-mode teacher needs two rows
-        projected = pixels.new_zeros((0, dim))
-        classes = classes[:0]
-        scores = pixels.new_zeros((0,)) if ranked else None
+    projected = heads["projection"](flatten_pixels(features), only(keep))
+    if rank_order(ctx) == "random":
+        keys = random_keys(projected.shape[0], projected, ctx.generator)
     else:
-        projected = heads["projection"](pixels)
-        scores = heads["selectors_feature"](projected, classes) if ranked else None
+        keys = heads["selectors_feature"](projected, classes)
     stats = {"kept": keep.sum(), "valid": (labels != 255).sum()}
-    return projected, classes, scores, stats
+    return projected, classes, keys, stats
 
 
 def update_bank(ctx: StepContext, extras: dict, step: int) -> dict:
-    """Insert the best new labeled features of every class, newest first. Returns diagnostics."""
+    """Insert the best new labeled features of every class, newest first. Returns diagnostics.
+
+    Each rank keeps its k best candidates per class (a fixed C x k rows), the ranks gather them in
+    rank order and every rank inserts the same rows into its copy of the bank."""
     settings = ctx.config.methods.memseg
     if step < settings.memory_start:
         return {}
     images = extras["labeled_images"]
-    projected, classes, scores, stats = bank_candidates(ctx, images, extras["labeled_labels"])
-    projected, classes, scores = ctx.gather([projected, classes, scores])
-    if projected.shape[0] > 0:
-        global_batch = images.shape[0] * ctx.world_size
-        k = k_per_class(
-            ctx.n_labeled, settings.memory_size, ctx.num_classes, global_batch, settings.k_rule
-        )
-        ctx.bank = insert(
-            ctx.bank,
-            projected.to(ctx.bank["features"].dtype),
-            classes,
-            scores,
-            k,
-            rank_order(ctx),
-            generator=ctx.generator,
-        )
+    projected, classes, keys, stats = bank_candidates(ctx, images, extras["labeled_labels"])
+    global_batch = images.shape[0] * ctx.world_size
+    k = k_per_class(
+        ctx.n_labeled, settings.memory_size, ctx.num_classes, global_batch, settings.k_rule
+    )
+    order = "highest" if rank_order(ctx) == "highest" else "lowest"
+    best = best_per_class(projected, classes, keys, k, ctx.num_classes, order == "highest")
+    projected, classes, keys = ctx.gather(list(best))
+    ctx.bank = insert(ctx.bank, projected.to(ctx.bank["features"].dtype), classes, keys, k, order)
     return stats

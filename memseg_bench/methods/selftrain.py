@@ -55,14 +55,20 @@ def strong_views(ctx: StepContext, images, labels, confidence, step: int):
     )
 
 
+def class_counts(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Pixels per class as float [C]; ids outside 0..C-1 (e.g. 255) are not counted. index_add
+    instead of bincount, which would read the largest id on the host."""
+    ids = labels.flatten()
+    ids = torch.where((ids >= 0) & (ids < num_classes), ids, torch.full_like(ids, num_classes))
+    counts = torch.zeros(num_classes + 1, device=ids.device)
+    return counts.index_add_(0, ids, torch.ones_like(ids, dtype=counts.dtype))[:num_classes]
+
+
 def _class_weights(ctx: StepContext, labels: torch.Tensor, pseudo: torch.Tensor, step: int):
     """Cityscapes weighting from GT and recent pseudo-label counts, used after contrastive_start."""
     if not ctx.config.methods.selftrain.class_weights:
         return None
-    counts = sum(
-        torch.bincount(t[t != 255].flatten(), minlength=ctx.num_classes)[: ctx.num_classes]
-        for t in (labels, pseudo)
-    ).float()
+    counts = sum(class_counts(t, ctx.num_classes) for t in (labels, pseudo))
     previous = ctx.extra_state.get("class_counts")
     counts = counts if previous is None else 0.99 * previous + counts
     ctx.extra_state["class_counts"] = counts

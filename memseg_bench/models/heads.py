@@ -1,76 +1,52 @@
-"""Training-only pixel heads: projection g, prediction q and the per-class selectors S_c / S'_c."""
+"""Training-only pixel heads: projection g, prediction q and the per-class selectors S_c / S'_c.
+
+All are GroupedMLPs, so rows that must not count (ignored pixels, empty memory slots) stay in the
+tensors and out of the BatchNorm statistics: no boolean selection, no host synchronisation."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn import functional as F
+
+from memseg_bench.models.grouped_mlp import GroupedMLP
 
 
-def mlp(in_dim: int, dim: int, out_dim: int, activation: nn.Module) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Linear(in_dim, dim), nn.BatchNorm1d(dim), activation, nn.Linear(dim, out_dim)
-    )
+def pixel_head(in_dim: int, dim: int) -> GroupedMLP:
+    """Linear -> BN1d -> ReLU -> Linear on the rows of group 0 (others are left out)."""
+    return GroupedMLP(1, in_dim, dim, dim, "relu")
 
 
-def _run_mlp(net: nn.Sequential, rows: torch.Tensor) -> torch.Tensor:
-    """Apply one selector MLP; a single row in train mode uses the BN's running statistics
-    (batch statistics of one row are undefined)."""
-    if not (net.training and rows.shape[0] == 1):
-        return net(rows)
-    linear, norm, activation, last = net
-    hidden = F.batch_norm(
-        linear(rows),
-        norm.running_mean,
-        norm.running_var,
-        norm.weight,
-        norm.bias,
-        training=False,
-        eps=norm.eps,
-    )
-    return last(activation(hidden))
+def only(valid: torch.Tensor) -> torch.Tensor:
+    """Group ids for a pixel head: 0 where valid, -1 (left out) elsewhere."""
+    return valid.long() - 1
 
 
 class ClassSelectors(nn.Module):
     """One scoring MLP per class: Linear -> BN1d -> LeakyReLU(0.2) -> Linear(., 1), then sigmoid.
 
-    BatchNorm statistics are computed per class over that class's rows only.
-    """
+    BatchNorm statistics are computed per class over that class's rows only."""
 
     def __init__(self, num_classes: int, dim: int = 256) -> None:
         super().__init__()
-        self.num_classes = num_classes
-        self.mlps = nn.ModuleList(mlp(dim, dim, 1, nn.LeakyReLU(0.2)) for _ in range(num_classes))
+        self.mlp = GroupedMLP(num_classes, dim, dim, 1, "leaky_relu")
 
     def forward(self, x: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
-        """x [P, D], classes [P] (long, < num_classes) -> scores [P] in (0, 1)."""
-        if x.shape[0] == 0:
-            return x.new_zeros((0,))
-        order = torch.argsort(classes, stable=True)
-        present, counts = torch.unique_consecutive(classes[order], return_counts=True)
-        present, counts = present.tolist(), counts.tolist()
-        if present[0] < 0 or present[-1] >= self.num_classes:
-            raise ValueError(f"class ids must lie in 0..{self.num_classes - 1}, got {present}")
-        blocks = torch.split(x[order], counts)
-        scores = torch.cat(
-            [_run_mlp(self.mlps[c], rows)[:, 0] for c, rows in zip(present, blocks, strict=True)]
-        )
-        return torch.sigmoid(scores.new_empty(scores.shape).index_copy(0, order, scores))
+        """x [P, D], classes [P] long -> scores [P] in (0, 1); rows with a class outside
+        0..C-1 (e.g. 255) are left out of the statistics and their scores are unspecified."""
+        return torch.sigmoid(self.mlp(x, classes)[:, 0])
 
-    def score_all(self, x: torch.Tensor) -> torch.Tensor:
-        """x [C, N, D] (row block c scored by class c's MLP) -> scores [C, N]."""
-        if x.shape[1] == 0:
-            return x.new_zeros(x.shape[:2])
-        return torch.sigmoid(
-            torch.stack([_run_mlp(net, rows)[:, 0] for net, rows in zip(self.mlps, x, strict=True)])
-        )
+    def score_all(self, x: torch.Tensor, filled: torch.Tensor | None = None) -> torch.Tensor:
+        """x [C, N, D] (row block c scored by class c), filled [C, N] (default: all) -> [C, N]."""
+        if filled is None:
+            filled = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+        return torch.sigmoid(self.mlp.forward_blocks(x, filled)[..., 0])
 
 
 def build_heads(feature_channels: int, num_classes: int, dim: int = 256) -> nn.ModuleDict:
     return nn.ModuleDict(
         {
-            "projection": mlp(feature_channels, dim, dim, nn.ReLU(inplace=True)),
-            "prediction": mlp(dim, dim, dim, nn.ReLU(inplace=True)),
+            "projection": pixel_head(feature_channels, dim),
+            "prediction": pixel_head(dim, dim),
             "selectors_feature": ClassSelectors(num_classes, dim),
             "selectors_memory": ClassSelectors(num_classes, dim),
         }
