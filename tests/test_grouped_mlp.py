@@ -1,10 +1,18 @@
-"""GroupedMLP against a per-group loop of plain layers: outputs, gradients, running statistics."""
+"""GroupedMLP against a per-group loop of plain layers: outputs, gradients, running statistics;
+in both forms, the segmented one (used on GPUs) and the host-split one (used on the CPU)."""
 
 import pytest
 import torch
 from torch.nn import functional as F
 
+from memseg_bench.models import grouped_mlp
 from memseg_bench.models.grouped_mlp import ACTIVATIONS, GroupedMLP, grouped_linear
+
+
+@pytest.fixture(autouse=True, params=["segmented", "split"])
+def form(request, monkeypatch):
+    monkeypatch.setattr(grouped_mlp, "SPLIT_ON_CPU", request.param == "split")
+    return request.param
 
 
 def reference(mlp: GroupedMLP, x: torch.Tensor, groups: torch.Tensor):

@@ -10,6 +10,10 @@ With several groups the layers are segmented matmuls of fixed shape: rows are so
 cut into tiles of T rows, and every (tile, group) piece is one product of a batched matmul. Sorted
 rows change group at most G times, so there are at most ceil(P / T) + G pieces; with
 T = ceil(P / (8 G)) that is about 1.125 times the work of one dense layer, whatever the group sizes.
+
+On the CPU a host read costs nothing and the extra passes over [P, D] of the segmented form do, so
+there (SPLIT_ON_CPU) the rows are split by group sizes read on the host and each group runs the
+plain layers. Both forms compute the same function; tests check each against a loop over groups.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ ACTIVATIONS = {
     "leaky_relu": lambda x: F.leaky_relu(x, 0.2),
 }
 PIECES_PER_GROUP = 8
+SPLIT_ON_CPU = True
 
 
 def _with_empty_group(tensor: torch.Tensor) -> torch.Tensor:
@@ -39,7 +44,10 @@ def one_group_linear(group: int):
 
 def grouped_linear(x, tag, weight, bias):
     """x [P, I] sorted by tag, tag [P] in 0..G (G: left out), weight [G, O, I], bias [G, O]
-    -> [P, O], row p = weight[tag_p] x_p + bias[tag_p] (zero for left-out rows)."""
+    -> [P, O], row p = weight[tag_p] x_p + bias[tag_p] (zero for left-out rows).
+
+    Gathers are index_select and scatters index_add over whole rows or blocks: both directions
+    are fast on every device, unlike the accumulating backward of advanced indexing."""
     groups = weight.shape[0]
     rows = x.shape[0]
     if rows == 0:
@@ -47,18 +55,22 @@ def grouped_linear(x, tag, weight, bias):
     tile = -(-rows // (PIECES_PER_GROUP * groups))
     tiles = -(-rows // tile)
     padded = tiles * tile
-    x = F.pad(x, (0, 0, 0, padded - rows))
     tag = F.pad(tag, (0, padded - rows), value=groups)
     index = torch.arange(padded, device=x.device)
     starts = (index % tile == 0) | (tag != tag.roll(1))
     piece = torch.cumsum(starts, 0) - 1  # non-decreasing piece id of every row
-    first = torch.searchsorted(piece, torch.arange(tiles + groups, device=x.device))
-    first = first.clamp(max=padded - 1)  # unused pieces compute something no row reads
+    pieces = torch.arange(tiles + groups, device=x.device)
+    first = torch.searchsorted(piece, pieces).clamp(max=padded - 1)  # spare pieces: masked out
+    piece_tile = first // tile
+    piece_rows = piece_tile[:, None] * tile + torch.arange(tile, device=x.device)  # [S, T]
+    mine = (piece[piece_rows] == pieces[:, None])[..., None]
+    blocks = x.index_select(0, piece_rows.clamp(max=rows - 1).flatten()).view(len(pieces), tile, -1)
     piece_tag = tag[first]
-    blocks = x.view(tiles, tile, -1)[first // tile]  # [pieces, T, I]
-    weight, bias = _with_empty_group(weight)[piece_tag], _with_empty_group(bias)[piece_tag]
-    out = torch.baddbmm(bias[:, None, :], blocks, weight.transpose(1, 2))  # [pieces, T, O]
-    return out[piece, index % tile][:rows]
+    weight = _with_empty_group(weight).index_select(0, piece_tag)
+    bias = _with_empty_group(bias).index_select(0, piece_tag)
+    out = torch.baddbmm(bias[:, None, :], blocks, weight.transpose(1, 2)) * mine  # [S, T, O]
+    by_tile = out.new_zeros((tiles, tile, out.shape[-1])).index_add_(0, piece_tile, out)
+    return by_tile.view(padded, -1)[:rows]
 
 
 class GroupedMLP(nn.Module):
@@ -93,22 +105,53 @@ class GroupedMLP(nn.Module):
         """x [P, I], groups [P] long -> [P, O]; row p through the MLP of group groups[p]."""
         inside = (groups >= 0) & (groups < self.groups)
         tag = torch.where(inside, groups, torch.full_like(groups, self.groups))
+        if SPLIT_ON_CPU and x.device.type == "cpu":
+            return self._split(x, tag)
         if self.groups == 1:
             return self._layers(x, tag, one_group_linear(0))
         order = torch.argsort(tag, stable=True)
-        out = self._layers(x[order], tag[order], grouped_linear)
+        out = self._layers(x.index_select(0, order), tag[order], grouped_linear)
         return torch.empty_like(out).index_copy(0, order, out)
 
     def forward_group(self, x: torch.Tensor, group: int) -> torch.Tensor:
-        """x [P, I], every row through the MLP of `group` -> [P, O]."""
-        tag = torch.full((x.shape[0],), group, dtype=torch.long, device=x.device)
-        return self._layers(x, tag, one_group_linear(group))
+        """x [P, I], every row through the MLP of `group` (plain layers) -> [P, O]."""
+        training = self.training and x.shape[0] > 1  # one row: running statistics
+        hidden = F.batch_norm(
+            F.linear(x, self.weight1[group], self.bias1[group]),
+            self.running_mean[group],
+            self.running_var[group],
+            self.norm_weight[group],
+            self.norm_bias[group],
+            training=training,
+            momentum=self.momentum,
+            eps=self.eps,
+        )
+        if training:
+            self.num_batches_tracked[group].add_(1)
+        return F.linear(
+            ACTIVATIONS[self.activation](hidden), self.weight2[group], self.bias2[group]
+        )
+
+    def _split(self, x: torch.Tensor, tag: torch.Tensor) -> torch.Tensor:
+        """The host-read form: rows sorted and split by group sizes, each group's plain layers."""
+        order = torch.argsort(tag, stable=True)
+        sizes = torch.bincount(tag, minlength=self.groups + 1).tolist()
+        parts = torch.split(x.index_select(0, order), sizes)
+        out_dim = self.weight2.shape[1]
+        outs = [
+            self.forward_group(rows, group) if len(rows) else rows.new_zeros((0, out_dim))
+            for group, rows in enumerate(parts[: self.groups])
+        ]
+        out = torch.cat([*outs, x.new_zeros((sizes[-1], out_dim))])
+        return torch.empty_like(out).index_copy(0, order, out)
 
     def forward_blocks(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """x [G, N, I] (block g goes through group g), valid [G, N] bool -> [G, N, O]."""
         groups, size, _ = x.shape
         ids = torch.arange(groups, device=x.device)[:, None].expand(-1, size)
         tag = torch.where(valid, ids, torch.full_like(ids, groups)).flatten()
+        if SPLIT_ON_CPU and x.device.type == "cpu":
+            return self._split(x.flatten(0, 1), tag).view(groups, size, -1)
 
         def block_linear(rows, tag, weight, bias):
             out = torch.baddbmm(
@@ -130,7 +173,7 @@ class GroupedMLP(nn.Module):
         count = count[:groups, None]
         sums = hidden.new_zeros((groups + 1, hidden.shape[1])).index_add_(0, tag, hidden)
         mean = sums[:groups] / count.clamp_min(1.0)
-        centred = hidden - _with_empty_group(mean)[tag]
+        centred = hidden - _with_empty_group(mean).index_select(0, tag)
         squares = torch.zeros_like(sums).index_add_(0, tag, centred * centred)
         var = squares[:groups] / count.clamp_min(1.0)
         batch = count >= 2 if self.training else torch.zeros_like(count, dtype=torch.bool)
@@ -138,10 +181,10 @@ class GroupedMLP(nn.Module):
             self._update_running(batch, mean.detach(), var.detach(), count)
         mean = torch.where(batch, mean, self.running_mean)
         var = torch.where(batch, var, self.running_var)
-        scale = _with_empty_group(self.norm_weight * torch.rsqrt(var + self.eps))
-        return (hidden - _with_empty_group(mean)[tag]) * scale[tag] + _with_empty_group(
-            self.norm_bias
-        )[tag]
+        scale = self.norm_weight * torch.rsqrt(var + self.eps)
+        affine = _with_empty_group(torch.cat([scale, self.norm_bias - mean * scale], dim=1))
+        scale, shift = affine.index_select(0, tag).chunk(2, dim=1)
+        return torch.addcmul(shift, hidden, scale)
 
     @torch.no_grad()
     def _update_running(self, batch, mean, var, count) -> None:
