@@ -199,13 +199,20 @@ def test_centroid_cosine_gradcheck():
     )
 
 
-def test_loss_benchmark_variants_agree():
-    from memseg_bench.bench_loss import run_variant
+def test_loss_benchmark_variants_agree(monkeypatch):
+    from memseg_bench.bench_loss import VARIANTS, run_variant
+    from memseg_bench.models import grouped_mlp
 
+    # term_other_form switches the selectors' form for its (normally separate) process
+    monkeypatch.setattr(grouped_mlp, "SPLIT_DEVICES", grouped_mlp.SPLIT_DEVICES)
     rows = {
         v: run_variant(v, "tiny", threads=1, repeats=1, dtype_name="float64", device="cpu")
-        for v in ("distance_closed", "distance_pairwise", "term_ours", "term_pairwise")
+        for v in VARIANTS
     }
+    assert grouped_mlp.SPLIT_DEVICES == ()  # the other form did run
+    assert rows["term_other_form"]["loss_value"] == pytest.approx(
+        rows["term_ours"]["loss_value"], rel=1e-9
+    )
     assert rows["distance_closed"]["loss_value"] == pytest.approx(
         rows["distance_pairwise"]["loss_value"], rel=1e-9
     )

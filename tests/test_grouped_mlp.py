@@ -11,7 +11,7 @@ from memseg_bench.models.grouped_mlp import ACTIVATIONS, GroupedMLP, grouped_lin
 
 @pytest.fixture(autouse=True, params=["segmented", "split"])
 def form(request, monkeypatch):
-    monkeypatch.setattr(grouped_mlp, "SPLIT_ON_CPU", request.param == "split")
+    monkeypatch.setattr(grouped_mlp, "SPLIT_DEVICES", ("cpu",) if request.param == "split" else ())
     return request.param
 
 

@@ -52,7 +52,7 @@ VARIANTS = {
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_training_step_reads_nothing_from_the_device(variant, behaviour, tmp_path, monkeypatch):
     # The CPU reads group sizes on purpose (free there); GPUs take the segmented form checked here.
-    monkeypatch.setattr(grouped_mlp, "SPLIT_ON_CPU", False)
+    monkeypatch.setattr(grouped_mlp, "SPLIT_DEVICES", ())
     method, changes = VARIANTS[variant]
     trainer = make_trainer(method, _with(tiny_config(behaviour), **changes), tmp_path)
     trainer.train_step()  # a real step first: the bank holds rows

@@ -12,8 +12,9 @@ rows change group at most G times, so there are at most ceil(P / T) + G pieces; 
 T = ceil(P / (8 G)) that is about 1.125 times the work of one dense layer, whatever the group sizes.
 
 On the CPU a host read costs nothing and the extra passes over [P, D] of the segmented form do, so
-there (SPLIT_ON_CPU) the rows are split by group sizes read on the host and each group runs the
-plain layers. Both forms compute the same function; tests check each against a loop over groups.
+on the device types in SPLIT_DEVICES the rows are split by group sizes read on the host and each
+group runs the plain layers. Both forms compute the same function; tests check each against a
+loop over groups, and `memseg bench loss` times the form a device does not use next to the other.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ ACTIVATIONS = {
     "leaky_relu": lambda x: F.leaky_relu(x, 0.2),
 }
 PIECES_PER_GROUP = 8
-SPLIT_ON_CPU = True
+SPLIT_DEVICES = ("cpu",)
 
 
 def _with_empty_group(tensor: torch.Tensor) -> torch.Tensor:
@@ -105,7 +106,7 @@ class GroupedMLP(nn.Module):
         """x [P, I], groups [P] long -> [P, O]; row p through the MLP of group groups[p]."""
         inside = (groups >= 0) & (groups < self.groups)
         tag = torch.where(inside, groups, torch.full_like(groups, self.groups))
-        if SPLIT_ON_CPU and x.device.type == "cpu":
+        if x.device.type in SPLIT_DEVICES:
             return self._split(x, tag)
         if self.groups == 1:
             return self._layers(x, tag, one_group_linear(0))
@@ -150,7 +151,7 @@ class GroupedMLP(nn.Module):
         groups, size, _ = x.shape
         ids = torch.arange(groups, device=x.device)[:, None].expand(-1, size)
         tag = torch.where(valid, ids, torch.full_like(ids, groups)).flatten()
-        if SPLIT_ON_CPU and x.device.type == "cpu":
+        if x.device.type in SPLIT_DEVICES:
             return self._split(x.flatten(0, 1), tag).view(groups, size, -1)
 
         def block_linear(rows, tag, weight, bias):
