@@ -134,17 +134,16 @@ class GroupedMLP(nn.Module):
         )
 
     def _split(self, x: torch.Tensor, tag: torch.Tensor) -> torch.Tensor:
-        """The host-read form: rows sorted and split by group sizes, each group's plain layers."""
-        order = torch.argsort(tag, stable=True)
-        sizes = torch.bincount(tag, minlength=self.groups + 1).tolist()
-        parts = torch.split(x.index_select(0, order), sizes)
-        out_dim = self.weight2.shape[1]
-        outs = [
-            self.forward_group(rows, group) if len(rows) else rows.new_zeros((0, out_dim))
-            for group, rows in enumerate(parts[: self.groups])
-        ]
-        out = torch.cat([*outs, x.new_zeros((sizes[-1], out_dim))])
-        return torch.empty_like(out).index_copy(0, order, out)
+        """The host-read form: each present group's rows through its plain layers."""
+        out = None
+        for group in range(self.groups):
+            rows = tag == group
+            if rows.any():
+                result = self.forward_group(x[rows], group)
+                if out is None:
+                    out = result.new_zeros((x.shape[0], result.shape[1]))
+                out[rows] = result
+        return x.new_zeros((x.shape[0], self.weight2.shape[1])) if out is None else out
 
     def forward_blocks(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """x [G, N, I] (block g goes through group g), valid [G, N] bool -> [G, N, O]."""
