@@ -212,6 +212,7 @@ def term_pairwise(inputs: Inputs, heads: dict, num_classes: int, memory_np: list
     from memseg_bench.methods.contrastive_pairwise import class_distance
 
     device = inputs.features[0].device
+    feature_side, memory_side = heads["selectors_feature"].mlp, heads["selectors_memory"].mlp
     total = 0.0
     for features, classes in zip(inputs.features, inputs.classes, strict=True):
         term = features.sum() * 0.0
@@ -221,10 +222,8 @@ def term_pairwise(inputs: Inputs, heads: dict, num_classes: int, memory_np: list
             memory = torch.from_numpy(memory_np[c]).to(device)
             if rows.shape[0] < 2 or memory.shape[0] < 2:
                 continue
-            s_f = torch.sigmoid(heads["selectors_feature"].mlp.forward_group(rows.detach(), c))[
-                :, 0
-            ]
-            s_m = torch.sigmoid(heads["selectors_memory"].mlp.forward_group(memory, c))[:, 0]
+            s_f = torch.sigmoid(feature_side.forward_group(rows.detach(), c))[:, 0]
+            s_m = torch.sigmoid(memory_side.forward_group(memory, c))[:, 0]
             term = term + class_distance(rows, memory, s_f, s_m)
         total = total + 0.1 * term / num_classes
     return total
@@ -354,17 +353,15 @@ def run_variant(
             )
         return total
 
+    ours = [
+        ("loss", lambda: term_ours(inputs, heads, c)),
+        ("bank", lambda: bank_update_ours(inputs, heads, k)),
+    ]
     steps = {
         "distance_closed": [("loss", lambda: distance(contrastive_loss))],
         "distance_pairwise": [("loss", lambda: distance(contrastive_loss_pairwise))],
-        "term_ours": [
-            ("loss", lambda: term_ours(inputs, heads, c)),
-            ("bank", lambda: bank_update_ours(inputs, heads, k)),
-        ],
-        "term_other_form": [
-            ("loss", lambda: term_ours(inputs, heads, c)),
-            ("bank", lambda: bank_update_ours(inputs, heads, k)),
-        ],
+        "term_ours": ours,
+        "term_other_form": ours,
         "term_pairwise": [
             ("loss", lambda: term_pairwise(inputs, heads, c, memory_np)),
             ("bank", lambda: bank_update_pairwise(inputs, heads, k, memory_np)),
