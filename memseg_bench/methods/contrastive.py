@@ -13,7 +13,7 @@ import torch
 from torch.nn import functional as F
 
 
-def _class_index(classes: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+def class_index(classes: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Class ids clamped into range and a mask of in-range pixels (e.g. 255 is left out)."""
     inside = (classes >= 0) & (classes < num_classes)
     return torch.where(inside, classes, torch.zeros_like(classes)), inside
@@ -61,7 +61,7 @@ class CentroidCosine(torch.autograd.Function):
 
 def pixel_weights(scores: torch.Tensor, classes: torch.Tensor, num_classes: int) -> torch.Tensor:
     """w_f = |F_c| s_f / sum_{F_c} s: per-pixel weights of mean 1 within every class."""
-    index, inside = _class_index(classes, num_classes)
+    index, inside = class_index(classes, num_classes)
     scores = torch.where(inside, scores, torch.zeros_like(scores))
     totals = scores.new_zeros(num_classes).index_add(0, index, scores)
     sizes = scores.new_zeros(num_classes).index_add(0, index, inside.to(scores.dtype))
@@ -117,7 +117,7 @@ def _contrastive_loss(
 ):
     dtype = torch.promote_types(features.dtype, torch.float32)
     features = features.to(dtype)
-    index, inside = _class_index(classes, num_classes)
+    index, inside = class_index(classes, num_classes)
     inside_f = inside.to(dtype)
     if feature_scores is None:
         scores = inside_f

@@ -7,6 +7,7 @@ import torch
 
 from memseg_bench.data.augment import augment, classmix
 from memseg_bench.methods.context import StepContext, teacher_forward, upsampled
+from memseg_bench.methods.contrastive import class_index
 from memseg_bench.methods.losses import (
     class_weights_from_counts,
     entropy_loss,
@@ -58,10 +59,8 @@ def strong_views(ctx: StepContext, images, labels, confidence, step: int):
 def class_counts(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Pixels per class as float [C]; ids outside 0..C-1 (e.g. 255) are not counted. index_add
     instead of bincount, which would read the largest id on the host."""
-    ids = labels.flatten()
-    ids = torch.where((ids >= 0) & (ids < num_classes), ids, torch.full_like(ids, num_classes))
-    counts = torch.zeros(num_classes + 1, device=ids.device)
-    return counts.index_add_(0, ids, torch.ones_like(ids, dtype=counts.dtype))[:num_classes]
+    index, inside = class_index(labels.flatten(), num_classes)
+    return torch.zeros(num_classes, device=labels.device).index_add_(0, index, inside.float())
 
 
 def _class_weights(ctx: StepContext, labels: torch.Tensor, pseudo: torch.Tensor, step: int):
