@@ -292,10 +292,11 @@ class PeakMemory:
             self.base = torch.cuda.memory_allocated()
             self.method = "cuda max_memory_allocated"
             return
-        self.base = _rss_kib("VmRSS")
         try:
             with open("/proc/self/clear_refs", "w") as refs:
                 refs.write("5")
+            # read after the reset: the high-water mark never falls below a later resident set
+            self.base = _rss_kib("VmRSS")
             self.method = "VmHWM (reset) - VmRSS"
         except OSError:
             self.base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
