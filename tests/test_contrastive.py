@@ -224,6 +224,19 @@ def test_loss_benchmark_variants_agree(monkeypatch):
     assert rows["term_ours"]["bank_s"] > 0
 
 
+def test_peak_memory_sees_a_new_allocation():
+    from memseg_bench.bench_loss import PeakMemory
+
+    peak = PeakMemory("cpu")
+    peak.start()
+    if not peak.method.startswith("VmHWM"):
+        pytest.skip("the resident high-water mark cannot be reset here")
+    block = torch.ones(64 * 2**20 // 4)  # 64 MiB, every page written
+    rise = peak.stop()
+    del block
+    assert 56 <= rise < 512
+
+
 def test_low_precision_features_are_computed_in_float32():
     features, classes, memory, count, f_scores, m_scores = make_inputs(10, True)
     exact = contrastive_loss(features, classes, memory, count, f_scores, m_scores, C)
