@@ -302,6 +302,7 @@ class Trainer:
     def train_step(self) -> dict[str, torch.Tensor]:
         from memseg_bench.methods import memseg
         from memseg_bench.methods.ema import ema_alpha, ema_update
+        from memseg_bench.models.grouped_mlp import GroupedMLP
 
         train = self.config.train
         lr = poly_lr(train.lr * train.lr_multiplier, self.step, train.iterations, train.poly_power)
@@ -317,8 +318,6 @@ class Trainer:
             labeled["image"] = labeled["image"].contiguous(memory_format=torch.channels_last)
         self.model.train()
         if train.freeze_bn:
-            from memseg_bench.models.grouped_mlp import GroupedMLP
-
             for module in self.model.modules():
                 if isinstance(module, (nn.modules.batchnorm._BatchNorm, GroupedMLP)):
                     module.eval()

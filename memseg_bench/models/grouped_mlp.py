@@ -189,15 +189,7 @@ class GroupedMLP(nn.Module):
     @torch.no_grad()
     def _update_running(self, batch, mean, var, count) -> None:
         unbiased = var * count / (count - 1).clamp_min(1.0)
-        momentum = self.momentum
-        self.running_mean.copy_(
-            torch.where(
-                batch, (1 - momentum) * self.running_mean + momentum * mean, self.running_mean
-            )
-        )
-        self.running_var.copy_(
-            torch.where(
-                batch, (1 - momentum) * self.running_var + momentum * unbiased, self.running_var
-            )
-        )
+        for running, value in ((self.running_mean, mean), (self.running_var, unbiased)):
+            moved = (1 - self.momentum) * running + self.momentum * value
+            running.copy_(torch.where(batch, moved, running))
         self.num_batches_tracked.add_(batch[:, 0].long())
