@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -32,8 +33,16 @@ def set_rng_state(state: dict) -> None:
 
 
 def save(path: str | Path, payload: dict) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    """A write that fails (a full disk, most often) leaves the previous file as it was."""
+    try:
+        with atomic_path(path) as tmp:
+            torch.save(payload, tmp)
+    except (OSError, RuntimeError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        parent = Path(path).parent
+        if parent.is_dir():
+            reason += f" ({shutil.disk_usage(parent).free / 2**20:.0f} MiB free there)"
+        raise UserError(f"cannot write {path}: {reason}") from None
 
 
 def load(path: str | Path, map_location="cpu") -> dict:

@@ -129,3 +129,24 @@ def test_corrupt_image_during_training(project, tmp_path):
     run = root / "runs" / "supervised-n6-s0"
     assert not (run / "model.pt").exists()
     _no_temporary_files(root)
+
+
+def test_failed_checkpoint_write_keeps_the_previous_file(tmp_path, monkeypatch):
+    import torch
+
+    from memseg_bench import checkpoint
+    from memseg_bench.errors import UserError
+
+    path = tmp_path / "run" / "checkpoint.pt"
+    checkpoint.save(path, {"step": 1})
+
+    def write_then_fail(payload, file):
+        Path(file).write_bytes(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 8 vs 4")
+
+    monkeypatch.setattr(torch, "save", write_then_fail)
+    with pytest.raises(UserError, match=r"cannot write .*checkpoint\.pt: .* \(\d+ MiB free"):
+        checkpoint.save(path, {"step": 2})
+    monkeypatch.undo()
+    assert checkpoint.load(path) == {"step": 1}
+    _no_temporary_files(tmp_path)
