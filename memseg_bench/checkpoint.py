@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from memseg_bench.errors import UserError
+from memseg_bench.errors import UserError, first_line
 from memseg_bench.fileio import atomic_path
 
 
@@ -38,7 +38,7 @@ def save(path: str | Path, payload: dict) -> None:
         with atomic_path(path) as tmp:
             torch.save(payload, tmp)
     except (OSError, RuntimeError) as error:
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        reason = first_line(error)
         parent = Path(path).parent
         if parent.is_dir():
             reason += f" ({shutil.disk_usage(parent).free / 2**20:.0f} MiB free there)"
@@ -56,5 +56,4 @@ def load(path: str | Path, map_location="cpu") -> dict:
     except FileNotFoundError:
         raise UserError(f"checkpoint not found: {path}") from None
     except Exception as error:  # noqa: BLE001 - any unpickling failure is a bad file for the user
-        message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise UserError(f"cannot load checkpoint {path}: {message}") from None
+        raise UserError(f"cannot load checkpoint {path}: {first_line(error)}") from None

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import yaml
 
-from memseg_bench.errors import UserError
+from memseg_bench.errors import UserError, first_line
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 
@@ -299,7 +299,7 @@ def _read_yaml(path: Path, what: str) -> dict:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as error:
-        raise UserError(f"{what} {path} is not valid YAML: {str(error).splitlines()[0]}") from None
+        raise UserError(f"{what} {path} is not valid YAML: {first_line(error)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -3,3 +3,9 @@
 
 class UserError(Exception):
     """Bad input a user can fix (path, option, file content). The CLI prints it on one line."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message, or its type name when the message is empty."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

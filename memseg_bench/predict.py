@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from memseg_bench.errors import UserError
+from memseg_bench.errors import UserError, first_line
 from memseg_bench.fileio import read_image, save_png
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
@@ -66,8 +66,7 @@ def open_session(model: str, provider: str = "auto"):
     try:
         session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
     except Exception as error:  # onnxruntime raises its own exception types for bad files
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"model {path} is not a valid ONNX model: {first}") from None
+        raise UserError(f"model {path} is not a valid ONNX model: {first_line(error)}") from None
     finally:
         ort.set_default_logger_severity(2)
     if provider == "cuda" and session.get_providers()[0] != "CUDAExecutionProvider":

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from memseg_bench.config import ModelConfig, config_from_dict
-from memseg_bench.errors import UserError
+from memseg_bench.errors import UserError, first_line
 from memseg_bench.models.backbones import BACKBONES, build_backbone, load_backbone_weights
 from memseg_bench.models.deeplab import DeepLabV2Head, DeepLabV3PlusHead, Segmenter
 from memseg_bench.models.heads import ClassSelectors, build_heads
@@ -71,8 +71,7 @@ def load_segmenter(model_file: str | Path) -> tuple[nn.Module, dict]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # any unpickling failure means a file we cannot use
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"cannot load model file {path}: {first}") from None
+        raise UserError(f"cannot load model file {path}: {first_line(error)}") from None
     if not isinstance(payload, dict) or any(key not in payload for key in MODEL_FILE_KEYS):
         raise UserError(f"model file {path} lacks one of the entries {list(MODEL_FILE_KEYS)}")
     try:

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from memseg_bench.errors import UserError
+from memseg_bench.errors import UserError, first_line
 from memseg_bench.tv import tv_models
 
 BACKBONES = ("resnet18", "resnet50", "resnet101", "mobilenet_v3_large")
@@ -109,8 +109,7 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # pickle, zip and format errors all mean "not a weights file"
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"{where} is not a torch state dict file ({first})") from None
+        raise UserError(f"{where} is not a torch state dict file ({first_line(error)})") from None
     if not isinstance(state, dict) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
     ):
