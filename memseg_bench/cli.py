@@ -33,11 +33,14 @@ def _config(params: Path, preset: str | None = None):
 
 
 @app.command()
-def prepare(params: Path = PARAMS) -> None:
+def prepare(
+    params: Path = PARAMS,
+    prepared: Path = typer.Option(Path("data/prepared.json"), help="summary file to write"),
+) -> None:
     """Make the dataset available (generate the embedded one) and verify the sweep's splits."""
     from memseg_bench.prepare import prepare as run_prepare
 
-    run_prepare(_config(params))
+    run_prepare(_config(params), prepared)
 
 
 @app.command()
@@ -86,9 +89,13 @@ def report(
     params: Path = PARAMS,
 ) -> None:
     """Tables (md/csv/tex), figures and summary.json from the metrics of finished runs."""
+    from memseg_bench.protocol_checks import describe
     from memseg_bench.report_stage import write_reports
 
-    write_reports(_config(params), metrics_dir, out_dir, runs_dir, update_readme)
+    summary = write_reports(_config(params), metrics_dir, out_dir, runs_dir, update_readme)
+    print(f"protocol checks of {summary['checks']['protocol']}:")
+    for line in describe(summary["checks"]):
+        print(f"  {line}")
 
 
 @app.command()

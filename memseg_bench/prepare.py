@@ -106,6 +106,7 @@ def draw_family(config: Config, family: str, n_labeled: list[int], seed: int) ->
         split_dataset_name(config),
         family,
         draws,
-        f"{family}: drawn by `memseg splits draw` from the {len(train_ids)} sorted train ids "
-        f"with numpy.random.default_rng({seed}).permutation",
+        f"our draw (`memseg splits draw`): labeled = first n of "
+        f"numpy.random.default_rng({seed}).permutation over the {len(train_ids)} sorted train "
+        "ids (nested across n); unlabeled = the sorted rest",
     )

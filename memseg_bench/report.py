@@ -240,8 +240,9 @@ def _labels(records: Sequence[dict], methods_order: Sequence[str]) -> list[str]:
     return labels
 
 
-def stats(values: Sequence[float], runs: Sequence[str]) -> dict:
-    """Mean and sample std (ddof 1; None for one value) with the values and runs behind them."""
+def stats(values: Sequence[float], runs: Sequence[str], seeds: Sequence[int] = ()) -> dict:
+    """Mean and sample std (ddof 1; None for one value) with the values, runs and seeds behind
+    them."""
     values = list(values)
     return {
         "mean": statistics.fmean(values),
@@ -249,7 +250,72 @@ def stats(values: Sequence[float], runs: Sequence[str]) -> dict:
         "n": len(values),
         "values": values,
         "runs": list(runs),
+        "seeds": list(seeds),
     }
+
+
+# Two-sided 95% quantiles of Student's t for 1..30 degrees of freedom.
+T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
+         2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
+         2.060, 2.056, 2.052, 2.048, 2.045, 2.042)  # fmt: skip
+
+
+def t_quantile_975(dof: int) -> float:
+    if dof <= len(T_975):
+        return T_975[dof - 1]
+    z = 1.959964  # beyond the table, the first Cornish-Fisher correction of the normal quantile
+    return z + (z**3 + z) / (4 * dof)
+
+
+def paired_gain(cell: dict, base: dict) -> dict:
+    """Mean difference over the seeds both cells hold, with a 95% t interval (None below two
+    pairs)."""
+    mine = dict(zip(cell["seeds"], cell["values"], strict=True))
+    theirs = dict(zip(base["seeds"], base["values"], strict=True))
+    seeds = sorted(set(mine) & set(theirs))
+    diffs = [mine[s] - theirs[s] for s in seeds]
+    gain = {
+        "value": statistics.fmean(diffs) if diffs else None,
+        "n": len(diffs),
+        "seeds": seeds,
+        "differences": diffs,
+        "interval95": None,
+        "runs": cell["runs"],
+        "baseline_runs": base["runs"],
+    }
+    if len(diffs) > 1:
+        half = t_quantile_975(len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+        gain["interval95"] = [gain["value"] - half, gain["value"] + half]
+    return gain
+
+
+def format_gain(gain: dict | None) -> str:
+    if gain is None or gain["value"] is None:
+        return "–"
+    if gain["interval95"] is None:
+        return f"{gain['value']:+.1f} (n={gain['n']})"
+    low, high = gain["interval95"]
+    return f"{gain['value']:+.1f} [{low:+.1f}, {high:+.1f}] (n={gain['n']})"
+
+
+def _comparisons(cells: dict, methods_order: Sequence[str]) -> list[tuple[str, str]]:
+    """(row, baseline row) pairs: every method against supervised of the same behaviour, and
+    each semi-supervised method against the one listed before it (memseg against selftrain)."""
+    pairs = []
+    for label in cells:
+        method = label.split(" (")[0]
+        behaviour = label[len(method) :]
+        if method == "supervised" or method not in methods_order:
+            continue
+        baselines = ["supervised"]
+        previous = methods_order[methods_order.index(method) - 1]
+        if previous != "supervised":
+            baselines.append(previous)
+        for base in baselines:
+            base_label = base + behaviour if base + behaviour in cells else base
+            if base_label in cells:
+                pairs.append((label, base_label))
+    return pairs
 
 
 def format_cell(cell: dict | None) -> str:
@@ -265,9 +331,9 @@ def _signed(value: float | None) -> str:
 
 
 def _cell(records: Sequence[dict], value) -> dict | None:
-    pairs = [(value(r), r["run"]) for r in sorted(records, key=lambda r: r["seed"])]
-    pairs = [(v, run) for v, run in pairs if v is not None]
-    return stats([v for v, _ in pairs], [run for _, run in pairs]) if pairs else None
+    rows = [(value(r), r["run"], r["seed"]) for r in sorted(records, key=lambda r: r["seed"])]
+    rows = [row for row in rows if row[0] is not None]
+    return stats(*zip(*rows, strict=True)) if rows else None
 
 
 def _miou(record: dict) -> float:
@@ -304,23 +370,13 @@ def main_table(records: Sequence[dict], methods_order: Sequence[str] = DEFAULT_O
     measured = [[label] + [format_cell(row.get(n)) for n in counts] for label, row in cells.items()]
     gains: dict[str, dict[int, dict]] = {}
     gain_rows = []
-    for label, row in cells.items():
-        method = label.split(" (")[0]
-        behaviour = label[len(method) :]
-        base = cells.get("supervised" + behaviour) or cells.get("supervised")
-        if method == "supervised" or base is None:
-            continue
+    for label, base_label in _comparisons(cells, methods_order):
+        row, base = cells[label], cells[base_label]
+        name = f"{label} − {base_label}"
         for n in counts:
             if n in row and n in base:
-                gains.setdefault(label, {})[n] = {
-                    "value": row[n]["mean"] - base[n]["mean"],
-                    "runs": row[n]["runs"],
-                    "supervised_runs": base[n]["runs"],
-                }
-        gain_rows.append(
-            [f"{label} − supervised"]
-            + [_signed(gains.get(label, {}).get(n, {}).get("value")) for n in counts]
-        )
+                gains.setdefault(name, {})[n] = paired_gain(row[n], base[n])
+        gain_rows.append([name] + [format_gain(gains.get(name, {}).get(n)) for n in counts])
     quoted = reported_for(proto["dataset"], proto["arch"], proto["backbone"], counts)
     quoted_rows = []
     for method in dict.fromkeys(entry["method"] for entry in quoted):
@@ -330,9 +386,11 @@ def main_table(records: Sequence[dict], methods_order: Sequence[str] = DEFAULT_O
         )
     blocks = [(None, measured)]
     if gain_rows:
-        blocks.append(("gain over supervised (points)", gain_rows))
+        blocks.append(("gain (points), paired by seed: mean [95% interval]", gain_rows))
     notes = [
         f"Last iterate; mean ± sample std over seeds (n runs); {_caption(pid, records)}.",
+        "Gains pair the runs of one seed (one split draw); the interval is Student's t over "
+        "the paired differences.",
     ]
     if quoted_rows:
         blocks.append(("reported in the paper (quoted, not measured here)", quoted_rows))

@@ -66,6 +66,7 @@ def write_reports(
     config: Config, metrics_dir: Path, out_dir: Path, runs_dir: Path, readme: Path | None = None
 ) -> dict:
     from memseg_bench import figures
+    from memseg_bench.protocol_checks import describe, protocol_checks
     from memseg_bench.report import build_report
 
     tables = out_dir / "tables"
@@ -74,9 +75,14 @@ def write_reports(
     curves = out_dir / "curves"
     figures.training_curves(curves, figures_dir / "training_curves.png")
     figures.bank_diagnostics(curves, figures_dir / "memory_bank.png")
+    figures.method_diagnostics(curves, figures_dir / "method_diagnostics.png")
     rows, class_names, palette = grid_rows(config, runs_dir)
     figures.qualitative_grid(rows, class_names, palette, figures_dir / "qualitative.png")
+    default = summary["protocols"][summary["default_protocol"]]
+    checks = protocol_checks(default["tables"]["main"], curves, config.report)
+    summary["checks"] = {"protocol": summary["default_protocol"], **checks}
     write_json(out_dir / "summary.json", summary)
     if readme is not None:
-        update_readme(readme, (tables / "main.md").read_text())
+        lines = "\n".join(f"- {line}" for line in describe(checks))
+        update_readme(readme, (tables / "main.md").read_text() + "\nProtocol checks:\n\n" + lines)
     return summary

@@ -75,6 +75,24 @@ def synthetic_runs():
     ]
 
 
+def test_gain_interval_with_three_pairs_and_against_selftrain(tmp_path):
+    runs = [record("supervised", 20, s, v) for s, v in enumerate((0.40, 0.43, 0.47))]
+    runs += [record("selftrain", 20, s, v) for s, v in enumerate((0.48, 0.50, 0.55))]
+    runs += [record("memseg", 20, s, v) for s, v in enumerate((0.50, 0.51, 0.58))]
+    summary = build_report(write(tmp_path / "metrics", runs), tmp_path / "tables")
+    gains = summary["protocols"][summary["default_protocol"]]["tables"]["main"]["gain"]
+    over_sup = gains["memseg − supervised"][20]
+    # differences 10, 8, 11: mean 9.667, sd 1.5275, t(0.975, 2 dof) = 4.303
+    assert over_sup["value"] == pytest.approx(9.6667, abs=1e-4)
+    half = 4.303 * 1.527525 / math.sqrt(3)
+    assert over_sup["interval95"] == pytest.approx([9.6667 - half, 9.6667 + half], abs=1e-3)
+    over_self = gains["memseg − selftrain"][20]
+    assert over_self["differences"] == pytest.approx([2.0, 1.0, 3.0])
+    text = (tmp_path / "tables" / "main.md").read_text()
+    assert "| memseg − selftrain | +2.0 [-0.5, +4.5] (n=3) |" in text
+    assert "| selftrain − supervised |" in text and "selftrain − selftrain" not in text
+
+
 def test_mean_std_n_against_hand_computed_values(tmp_path):
     metrics = write(tmp_path / "metrics", synthetic_runs())
     summary = build_report(metrics, tmp_path / "tables")
@@ -88,13 +106,17 @@ def test_mean_std_n_against_hand_computed_values(tmp_path):
     assert sup["runs"] == ["supervised-n20-s0", "supervised-n20-s1", "supervised-n20-s2"]
     assert cells["memseg"][20]["mean"] == pytest.approx(53.0)
     assert cells["memseg"][20]["std"] == pytest.approx(math.sqrt(18.0))
-    gain = summary["protocols"][pid]["tables"]["main"]["gain"]["memseg"][20]
-    assert gain["value"] == pytest.approx(53.0 - 43.3333, abs=1e-4)
+    gain = summary["protocols"][pid]["tables"]["main"]["gain"]["memseg − supervised"][20]
+    # paired by seed: memseg holds seeds 0 and 1 only, differences 10 and 13
+    assert gain["seeds"] == [0, 1] and gain["differences"] == pytest.approx([10.0, 13.0])
+    assert gain["value"] == pytest.approx(11.5)
+    half = 12.706 * math.sqrt(4.5) / math.sqrt(2)  # t(0.975, 1 dof) * sd / sqrt(n)
+    assert gain["interval95"] == pytest.approx([11.5 - half, 11.5 + half], abs=1e-3)
     text = (tmp_path / "tables" / "main.md").read_text()
     assert "43.3 ± 3.5 (n=3)" in text
     assert "53.0 ± 4.2 (n=2)" in text
     assert "81.0 (n=1)" in text and "81.0 ±" not in text
-    assert "+9.7" in text
+    assert "+11.5 [-7.6, +30.6] (n=2)" in text
     # the ablation variant stays out of the main table
     assert "no_feature_weights" not in text
 

@@ -68,16 +68,28 @@ def test_write_load_and_tamper(tmp_path):
 
     write_family(tmp_path, "toy", "other", {3: draw_split(IDS, 3, 1)}, "seed 1")
     assert len(read_manifest(tmp_path / "toy")) == 6  # the first family's entries are kept
-    write_family(tmp_path, "toy", "random", {5: draw_split(IDS, 5, 7)}, "redrawn")
-    assert not (tmp_path / "toy/random/4").exists()  # a family is replaced as a whole
+    before = (tmp_path / "toy/random/4/labeled.txt").read_bytes()
+    # adding a count keeps the others; drawing an existing count again with the same ids is a
+    # no-op, with other ids it is refused and nothing changes
+    write_family(tmp_path, "toy", "random", {4: draws[4], 5: draw_split(IDS, 5, 7)}, "seed 7.")
+    assert (tmp_path / "toy/random/4/labeled.txt").read_bytes() == before
+    assert (tmp_path / "toy/random/12/labeled.txt").is_file()
+    assert len(read_manifest(tmp_path / "toy")) == 8
+    manifest = (tmp_path / "toy/MANIFEST.sha256").read_bytes()
+    with pytest.raises(UserError, match=r"toy/random/4 already holds a different draw"):
+        write_family(tmp_path, "toy", "random", {4: draw_split(IDS, 4, 8)}, "seed 8")
+    assert (tmp_path / "toy/random/4/labeled.txt").read_bytes() == before
+    assert (tmp_path / "toy/MANIFEST.sha256").read_bytes() == manifest
     provenance = (tmp_path / "toy/PROVENANCE.md").read_text()
-    assert "redrawn" in provenance and "seed 7" not in provenance and "seed 1" in provenance
+    assert "seed 7." in provenance and "seed 8" not in provenance and "seed 1" in provenance
 
     path = tmp_path / "toy/random/5/labeled.txt"
     path.write_text(path.read_text().replace("img", "imG", 1))
     with pytest.raises(UserError, match=r"random/5/labeled\.txt does not match MANIFEST\.sha256"):
         load_split(tmp_path, "toy", "random", 5)
-    with pytest.raises(UserError, match=r"random/99 not found.*available: other/3, random/5"):
+    with pytest.raises(
+        UserError, match=r"random/99 not found.*available: other/3, random/12, random/4, random/5"
+    ):
         load_split(tmp_path, "toy", "random", 99)
 
 
@@ -121,7 +133,11 @@ def test_registry_pairs_are_complete_and_verified():
         d: sorted(int(f.name) for dd, f in pairs if dd == d and f.parent.name == fam)
         for d, fam in checked
     }
-    assert sizes == {"voc": [212, 530, 1323], "cityscapes": [100, 372, 744], "camvid": [23, 46, 92]}
+    assert sizes == {
+        "voc": [212, 530, 1323],
+        "cityscapes": [100, 372, 744],
+        "camvid": [23, 46, 92, 367],
+    }
 
 
 def test_every_registry_file_is_in_its_manifest():

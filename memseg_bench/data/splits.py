@@ -131,35 +131,42 @@ def write_family(
     draws: dict[int, tuple[Sequence[str], Sequence[str]]],
     provenance_line: str,
 ) -> None:
-    """Replace splits/<dataset>/<family>/ in one rename, then update manifest and provenance."""
+    """Add label counts to splits/<dataset>/<family>/, each in one rename, then update the
+    manifest and the family's provenance line. Counts already there are kept as they are: one
+    with the same ids is left alone, one with other ids is refused (a committed split is never
+    rewritten)."""
     if not _FAMILY.match(family):
         raise UserError(f"split family must be letters, digits, '_' or '.', got {family!r}")
     dataset_dir = Path(splits_root) / dataset
     target = dataset_dir / family
-    tmp = dataset_dir / f".{family}.tmp-{os.getpid()}"
-    old = dataset_dir / f".{family}.old-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    entries = {
-        path: digest
-        for path, digest in read_manifest(dataset_dir).items()
-        if not path.startswith(f"{family}/")
-    }
-    try:
-        for n_labeled, (labeled, unlabeled) in sorted(draws.items()):
-            if len(labeled) != n_labeled:
-                raise ValueError(f"{family}/{n_labeled}: {len(labeled)} labeled ids")
-            folder = tmp / str(n_labeled)
-            folder.mkdir(parents=True)
-            for name, ids in (("labeled.txt", labeled), ("unlabeled.txt", unlabeled)):
-                text = ids_text(ids)
-                (folder / name).write_text(text)
-                entries[f"{family}/{n_labeled}/{name}"] = sha256_text(text)
-        if target.exists():
-            os.rename(target, old)
-        os.rename(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
+    for n_labeled, (labeled, unlabeled) in sorted(draws.items()):
+        if len(labeled) != n_labeled:
+            raise ValueError(f"{family}/{n_labeled}: {len(labeled)} labeled ids")
+        folder = target / str(n_labeled)
+        if folder.exists() and [
+            read_ids(folder / name) if (folder / name).is_file() else None
+            for name in ("labeled.txt", "unlabeled.txt")
+        ] != [list(labeled), list(unlabeled)]:
+            raise UserError(
+                f"{folder} already holds a different draw; committed splits are never "
+                f"rewritten: draw into a new --family"
+            )
+    entries = read_manifest(dataset_dir)
+    for n_labeled, (labeled, unlabeled) in sorted(draws.items()):
+        folder = target / str(n_labeled)
+        texts = {"labeled.txt": ids_text(labeled), "unlabeled.txt": ids_text(unlabeled)}
+        if not folder.exists():
+            tmp = target / f".{n_labeled}.tmp-{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            try:
+                tmp.mkdir(parents=True)
+                for name, text in texts.items():
+                    (tmp / name).write_text(text)
+                os.rename(tmp, folder)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        for name, text in texts.items():
+            entries[f"{family}/{n_labeled}/{name}"] = sha256_text(text)
     write_manifest(dataset_dir, entries)
     set_provenance(dataset_dir, family, provenance_line)
 
@@ -270,7 +277,7 @@ _COPIED_LISTS = {
 }
 # The seed-0 family of each protocol also holds n = all train images (empty unlabeled list) for
 # the supervised full-label reference row.
-FULL_SET_FAMILIES = ("alonso_0", "ours_s0", "random_s0")
+FULL_SET_FAMILIES = ("alonso_0", "ours_s0", "random_s0", "random_s1", "random_s2")
 OUR_DRAWS = {  # dataset -> (family prefix, sizes, seeds)
     "cityscapes": ("ours_s", (100, 372, 744), (0, 1, 2)),
     "camvid": ("random_s", (23, 46, 92), (0, 1, 2)),

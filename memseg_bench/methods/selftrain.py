@@ -76,6 +76,19 @@ def _class_weights(ctx: StepContext, labels: torch.Tensor, pseudo: torch.Tensor,
     return class_weights_from_counts(counts)
 
 
+@torch.no_grad()
+def pseudo_label_quality(pseudo, confidence, hidden_labels) -> dict[str, torch.Tensor]:
+    """How good the teacher's pseudo-labels are, measured against the ground truth that the
+    unlabeled images have but training never reads: pixel accuracy over labeled pixels, and the
+    mean confidence. Diagnostics only (logged, never in a loss)."""
+    valid = hidden_labels != 255
+    correct = (pseudo == hidden_labels) & valid
+    return {
+        "pseudo_accuracy": correct.sum() / valid.sum().clamp(min=1),
+        "pseudo_confidence": confidence.mean(),
+    }
+
+
 def forward(ctx: StepContext, labeled: dict, unlabeled: dict, step: int):
     """Shared by selftrain and memseg: returns the loss terms and what the memory method needs."""
     selftrain = ctx.config.methods.selftrain
@@ -105,6 +118,7 @@ def forward(ctx: StepContext, labeled: dict, unlabeled: dict, step: int):
             * entropy_loss(upsampled(view_logits, view_labels.shape[-2:]), official=ctx.official),
         }
     extras = {
+        "diagnostics": pseudo_label_quality(pseudo, confidence, unlabeled["label"]),
         "labeled_images": labeled_images,
         "labeled_labels": labeled_labels,
         "labeled_features": features[:n_labeled],

@@ -11,7 +11,12 @@ from torch import nn
 
 from memseg_bench.config import ModelConfig, config_from_dict
 from memseg_bench.errors import UserError, first_line
-from memseg_bench.models.backbones import BACKBONES, build_backbone, load_backbone_weights
+from memseg_bench.models.backbones import (
+    BACKBONES,
+    build_backbone,
+    load_backbone_weights,
+    weights_file,
+)
 from memseg_bench.models.deeplab import DeepLabV2Head, DeepLabV3PlusHead, Segmenter
 from memseg_bench.models.heads import ClassSelectors, build_heads
 
@@ -40,7 +45,7 @@ def build_segmenter(
         raise ValueError(f"num_classes must be positive, got {num_classes}")
     backbone = build_backbone(model_cfg.backbone, model_cfg.output_stride)
     if model_cfg.weights is not None:
-        load_backbone_weights(backbone, model_cfg.weights)
+        load_backbone_weights(backbone, weights_file(model_cfg.backbone, model_cfg.weights))
     if model_cfg.arch == "deeplabv3plus":
         head = DeepLabV3PlusHead(
             backbone.low_channels,

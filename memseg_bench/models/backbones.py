@@ -12,11 +12,14 @@ import torch
 from torch import nn
 
 from memseg_bench.errors import UserError, first_line
+from memseg_bench.models.efficientnet_lite import EfficientNetLite0Backbone, packaged_weights_path
 from memseg_bench.tv import tv_models
 
-BACKBONES = ("resnet18", "resnet50", "resnet101", "mobilenet_v3_large")
-# Keys of torchvision's classification heads, ignored when loading backbone weights.
-CLASSIFIER_PREFIXES = ("fc.", "classifier.")
+BACKBONES = ("resnet18", "resnet50", "resnet101", "mobilenet_v3_large", "efficientnet_lite0")
+# Keys of the classification heads, ignored when loading backbone weights.
+CLASSIFIER_PREFIXES = ("fc.", "classifier.", "_fc.")
+# `model.weights` values that name weights an installed package ships instead of a file.
+PACKAGED_WEIGHTS = {"imagenet": {"efficientnet_lite0": packaged_weights_path}}
 MOBILENET_LOW_LEVEL_END = 4  # features[0:4] ends at stride 4 (24 channels)
 
 
@@ -86,12 +89,12 @@ def build_backbone(name: str, output_stride: int) -> nn.Module:
         raise UserError(f"params: 'model.backbone' must be one of {list(BACKBONES)}, got {name!r}")
     if output_stride not in (8, 16):
         raise UserError(f"params: 'model.output_stride' must be 8 or 16, got {output_stride}")
-    if name.startswith("mobilenet"):
+    if name in ("mobilenet_v3_large", "efficientnet_lite0"):
         if output_stride != 16:
             raise UserError(
                 f"params: 'model.output_stride' must be 16 for {name}, got {output_stride}"
             )
-        return MobileNetBackbone()
+        return MobileNetBackbone() if name == "mobilenet_v3_large" else EfficientNetLite0Backbone()
     return ResNetBackbone(name, output_stride)
 
 
@@ -100,8 +103,22 @@ def _optional(key: str) -> bool:
     return key.endswith("num_batches_tracked")
 
 
+def weights_file(backbone_name: str, weights: str) -> Path:
+    """The file that `model.weights` names: a path, or a key of PACKAGED_WEIGHTS."""
+    if weights not in PACKAGED_WEIGHTS:
+        return Path(weights)
+    shipped = PACKAGED_WEIGHTS[weights]
+    if backbone_name not in shipped:
+        raise UserError(
+            f"params: 'model.weights: {weights}' is packaged only for {sorted(shipped)}; "
+            f"give a local weights file for {backbone_name}"
+        )
+    return Path(shipped[backbone_name]())
+
+
 def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
-    """Load a torchvision-format state dict file into `backbone`; classifier keys are ignored."""
+    """Load a state dict file (torchvision's or the packaged EfficientNet-Lite0's key names) into
+    `backbone`; classifier keys are ignored."""
     path = Path(path)
     where = f"model.weights: {path}"
     if not path.is_file():
