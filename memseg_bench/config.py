@@ -119,6 +119,9 @@ class TrainConfig:
     sync_bn: bool = False
     # Keep every BatchNorm in eval mode (running statistics) while training.
     freeze_bn: bool = False
+    # Momentum of the segmenter's BatchNorm running statistics (null: PyTorch's 0.1). At a few
+    # images per batch, 0.1 makes the evaluated statistics those of the last ~10 batches.
+    bn_momentum: float | None = None
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 

@@ -16,7 +16,7 @@ from memseg_bench import checkpoint, distributed
 from memseg_bench.config import Config, config_hash, config_to_dict, dump_config, is_official
 from memseg_bench.errors import UserError
 from memseg_bench.fileio import write_json, write_text
-from memseg_bench.runs import RunSpec, git_commit, peak_memory, seed_everything
+from memseg_bench.runs import RunSpec, device_name, git_commit, peak_memory, seed_everything
 
 
 @dataclass
@@ -58,6 +58,10 @@ def build_models(config: Config, spec: RunSpec, num_classes: int, device: torch.
     net = build_segmenter(
         config.model, num_classes, config.data.mean, config.data.std, official=is_official(config)
     )
+    if config.train.bn_momentum is not None:
+        for module in net.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.momentum = config.train.bn_momentum
     if config.train.sync_bn and torch.distributed.is_initialized():
         # Only the segmenter: the heads normalise over each rank's own pixels of a class.
         net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
@@ -473,9 +477,7 @@ class Trainer:
                 "wall_time_s": round(self.elapsed, 3),
                 "images_per_s": round(self.images_seen / max(self.elapsed, 1e-9), 3),
                 **peak_memory(self.device),
-                "device": torch.cuda.get_device_name(self.device)
-                if self.device.type == "cuda"
-                else "cpu",
+                "device": device_name(self.device),
                 "world_size": self.dist.world_size,
                 "torch": torch.__version__,
             },

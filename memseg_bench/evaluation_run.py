@@ -27,6 +27,8 @@ def protocol(config: Config, family: str) -> dict:
     paper = ModelConfig()
     if widths != (paper.decoder_channels, paper.feature_dim):  # a protocol of its own
         model += f"-w{widths[0]}x{widths[1]}"
+    if config.model.weights == "imagenet":  # packaged weights: the same start everywhere
+        model += "-imagenet"
     fields["id"] = (
         f"{fields['dataset']}/{fields['family']}/{model}"
         f"/crop{fields['crop']}/{fields['eval_mode']}/it{fields['iterations']}"

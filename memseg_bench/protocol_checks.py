@@ -33,7 +33,7 @@ def last_part_gain(curve: dict, part: float = LAST_PART) -> dict | None:
     if len(window) < 2:
         return None
     (start, first), (_, last) = window[0], window[-1]
-    return {"from_step": int(start), "to_step": int(end), "gain": 100 * (last - first)}
+    return {"from_step": int(start), "to_step": int(end), "gain": float(100 * (last - first))}
 
 
 def _curve(curves_dir: Path, run: str) -> dict | None:

@@ -525,9 +525,11 @@ def build_report(
     metrics_dir: str | Path,
     out_dir: str | Path,
     methods_order: Sequence[str] = DEFAULT_ORDER,
+    default_protocol: str | None = None,
 ) -> dict:
-    """Write every table of every protocol (md, csv, tex) under `out_dir`, plus main.* for the
-    protocol with the most runs; remove table files of earlier calls that were not rewritten.
+    """Write every table of every protocol (md, csv, tex) under `out_dir`, plus main.* for
+    `default_protocol` (when it has runs; else the protocol with the most runs); remove table
+    files of earlier calls that were not rewritten.
     Returns the summary: per protocol its description, runs, every cell's numbers and runs."""
     records = load_metrics(metrics_dir)
     groups = group_by_protocol(records)
@@ -549,7 +551,9 @@ def build_report(
             written += write_table(table, out_dir / f"{kind}_{slug}")
             entry["tables"][kind] = {"file": f"{kind}_{slug}", **data}
         protocols[pid] = entry
-    default = sorted(groups, key=lambda pid: (-len(groups[pid]), pid))[0]
+    default = default_protocol
+    if default not in groups:
+        default = sorted(groups, key=lambda pid: (-len(groups[pid]), pid))[0]
     main, _ = main_table(groups[default], methods_order)
     written += write_table(main, out_dir / "main")
     for path in out_dir.iterdir():

@@ -66,12 +66,15 @@ def write_reports(
     config: Config, metrics_dir: Path, out_dir: Path, runs_dir: Path, readme: Path | None = None
 ) -> dict:
     from memseg_bench import figures
+    from memseg_bench.evaluation_run import protocol
     from memseg_bench.protocol_checks import describe, protocol_checks
     from memseg_bench.report import build_report
 
     tables = out_dir / "tables"
     figures_dir = out_dir / "figures"
-    summary = build_report(metrics_dir, tables)
+    summary = build_report(
+        metrics_dir, tables, default_protocol=protocol(config, config.split.family)["id"]
+    )
     curves = out_dir / "curves"
     figures.training_curves(curves, figures_dir / "training_curves.png")
     figures.bank_diagnostics(curves, figures_dir / "memory_bank.png")

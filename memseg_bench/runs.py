@@ -6,6 +6,7 @@ import random
 import resource
 import subprocess
 from dataclasses import dataclass
+from pathlib import Path
 
 from memseg_bench.errors import UserError
 
@@ -84,6 +85,26 @@ def git_commit() -> str | None:
         return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def device_name(device) -> str:
+    """The GPU's name, or the CPU's model and the SIMD level torch's kernels use, because CPU
+    timings differ by 2x between machines of one kind."""
+    import platform
+
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"cpu: {model}, {torch.backends.cpu.get_cpu_capability()}"
 
 
 def peak_memory(device) -> dict:

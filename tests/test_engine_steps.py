@@ -110,3 +110,22 @@ def test_ablation_without_feature_weights_leaves_selectors_alone(tmp_path):
     trainer.train_step()
     feature, memory = _selector_grads(trainer)
     assert feature == 0 and memory == 0
+
+
+def test_bn_momentum_sets_every_segmenter_batchnorm_and_slows_its_statistics(tmp_path):
+    config = tiny_config()
+    slow = dataclasses.replace(config, train=dataclasses.replace(config.train, bn_momentum=0.01))
+    moved = {}
+    for name, cfg in (("default", dataclasses.replace(config, train=dataclasses.replace(
+            config.train, bn_momentum=None))), ("slow", slow)):  # fmt: skip
+        trainer = make_trainer("supervised", cfg, tmp_path / name)
+        norms = [
+            m
+            for m in trainer.model["net"].modules()
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+        ]
+        assert norms and {m.momentum for m in norms} == ({0.1} if name == "default" else {0.01})
+        before = norms[0].running_mean.clone()
+        trainer.train_step()
+        moved[name] = float((norms[0].running_mean - before).abs().max())
+    assert 0 < moved["slow"] < moved["default"] / 5

@@ -148,3 +148,26 @@ def test_ignore_turns_white_when_a_class_is_black(tmp_path):
     assert cell[h // 4, 50].tolist() == [255, 255, 255]  # ignore rows
     assert cell[(h * 5) // 8, 50].tolist() == [0, 0, 0]  # background (black class)
     assert cell[(h * 7) // 8, 50].tolist() == [230, 25, 75]
+
+
+def test_method_diagnostics_has_a_row_per_method_with_pseudo_labels(tmp_path):
+    folder = tmp_path / "curves"
+    folder.mkdir()
+    header = "step,loss,loss_sup,loss_pseudo,loss_contr_lab,pseudo_accuracy,pseudo_confidence"
+    for method in ("supervised", "selftrain", "memseg"):
+        lines = [header if method != "supervised" else "step,loss,loss_sup"]
+        for step in range(20, 401, 20):
+            accuracy = min(0.95, 0.5 + step / 1000)
+            if method == "supervised":
+                lines.append(f"{step},1.0,1.0")
+            else:
+                lines.append(f"{step},1.2,1.0,0.1,0.01,{accuracy:.3f},{accuracy + 0.02:.3f}")
+        (folder / f"{method}-n10-s0.csv").write_text("\n".join(lines) + "\n")
+    out = figures.method_diagnostics(folder, tmp_path / "diag.png")
+    assert_png(out, min_w=800)
+    with Image.open(out) as image:
+        assert image.size[1] >= 2 * 300  # one row for selftrain, one for memseg
+    (folder / "selftrain-n10-s0.csv").unlink()
+    (folder / "memseg-n10-s0.csv").unlink()
+    with Image.open(figures.method_diagnostics(folder, tmp_path / "none.png")) as image:
+        assert image.size[1] < 300  # supervised only: the placeholder

@@ -141,6 +141,12 @@ def test_two_protocols_land_in_separate_tables(tmp_path):
     with pytest.raises(ProtocolMixError):
         main_table(mixed)
     assert sorted(group_by_protocol(mixed)) == sorted([synth_pid, city_pid])
+    # the configured protocol is the main table even with fewer runs; an unknown id falls back
+    chosen = build_report(metrics, tmp_path / "chosen", default_protocol=city_pid)
+    assert chosen["default_protocol"] == city_pid
+    assert (tmp_path / "chosen" / "main.md").read_text() == city_text
+    fallback = build_report(metrics, tmp_path / "fallback", default_protocol="no/such/protocol")
+    assert fallback["default_protocol"] == synth_pid
 
 
 def test_editing_one_metrics_value_changes_the_table(tmp_path):

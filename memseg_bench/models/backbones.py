@@ -89,12 +89,16 @@ def build_backbone(name: str, output_stride: int) -> nn.Module:
         raise UserError(f"params: 'model.backbone' must be one of {list(BACKBONES)}, got {name!r}")
     if output_stride not in (8, 16):
         raise UserError(f"params: 'model.output_stride' must be 8 or 16, got {output_stride}")
-    if name in ("mobilenet_v3_large", "efficientnet_lite0"):
+    stride_16_only = {
+        "mobilenet_v3_large": MobileNetBackbone,
+        "efficientnet_lite0": EfficientNetLite0Backbone,
+    }
+    if name in stride_16_only:
         if output_stride != 16:
             raise UserError(
                 f"params: 'model.output_stride' must be 16 for {name}, got {output_stride}"
             )
-        return MobileNetBackbone() if name == "mobilenet_v3_large" else EfficientNetLite0Backbone()
+        return stride_16_only[name]()
     return ResNetBackbone(name, output_stride)
 
 
