@@ -86,13 +86,16 @@ def report(
     out_dir: Path = typer.Option(Path("reports")),
     runs_dir: Path = typer.Option(Path("runs")),
     update_readme: Path = typer.Option(None, help="replace the results block of this README"),
+    readme_block: str = typer.Option("results", help="name of the README block to replace"),
     params: Path = PARAMS,
 ) -> None:
     """Tables (md/csv/tex), figures and summary.json from the metrics of finished runs."""
     from memseg_bench.protocol_checks import describe
     from memseg_bench.report_stage import write_reports
 
-    summary = write_reports(_config(params), metrics_dir, out_dir, runs_dir, update_readme)
+    summary = write_reports(
+        _config(params), metrics_dir, out_dir, runs_dir, update_readme, readme_block
+    )
     print(f"protocol checks of {summary['checks']['protocol']}:")
     for line in describe(summary["checks"]):
         print(f"  {line}")

@@ -29,18 +29,25 @@ def _dataset(config: Config):
     return open_dataset(config.data)
 
 
-def sweep_splits(config: Config) -> list[tuple[str, int]]:
-    """Every (split folder, label count) that a run of the sweep trains on."""
+def sweep_splits(config: Config) -> dict[tuple[str, int], str]:
+    """Every (split folder, label count) that a run of the sweep trains on, with the settings
+    that ask for it. Ablation splits count only when the sweep holds ablations."""
     from memseg_bench.runs import RunSpec
 
-    runs = [(n, seed) for n in config.sweep.n_labeled for seed in config.sweep.seeds]
-    runs += [(config.sweep.full_n_labeled, seed) for seed in config.sweep.full_seeds]
-    runs += [(config.sweep.ablation_n_labeled, seed) for seed in config.sweep.ablation_seeds]
-    selected = []
-    for n_labeled, seed in runs:
+    sweep = config.sweep
+    runs = [
+        (n, seed, "sweep.n_labeled x sweep.seeds") for n in sweep.n_labeled for seed in sweep.seeds
+    ]
+    runs += [(sweep.full_n_labeled, seed, "sweep.full_n_labeled") for seed in sweep.full_seeds]
+    if sweep.ablations:
+        runs += [
+            (sweep.ablation_n_labeled, seed, "sweep.ablation_n_labeled")
+            for seed in sweep.ablation_seeds
+        ]
+    selected: dict[tuple[str, int], str] = {}
+    for n_labeled, seed, setting in runs:
         family = RunSpec("supervised", config.split.family, n_labeled, seed).split_family(config)
-        if (family, n_labeled) not in selected:
-            selected.append((family, n_labeled))
+        selected.setdefault((family, n_labeled), setting)
     return selected
 
 
@@ -58,9 +65,12 @@ def prepare(config: Config, prepared_path: Path = PREPARED) -> dict:
     train_ids = index.ids("train")
     dataset = split_dataset_name(config)
     verified = {}
-    for family, n_labeled in sweep_splits(config):
+    for (family, n_labeled), setting in sweep_splits(config).items():
         selector = f"{family}/{n_labeled}"
-        labeled, unlabeled = load_split(SPLITS_ROOT, dataset, family, n_labeled)
+        try:
+            labeled, unlabeled = load_split(SPLITS_ROOT, dataset, family, n_labeled)
+        except UserError as error:
+            raise UserError(f"{error} (asked for by {setting})") from None
         where = SPLITS_ROOT / dataset / family / str(n_labeled)
         verify_against_dataset(labeled, unlabeled, train_ids, where)
         for split_id in labeled[:1] + unlabeled[:1]:

@@ -10,8 +10,6 @@ from memseg_bench.config import Config
 from memseg_bench.errors import UserError
 from memseg_bench.fileio import write_json, write_text
 
-README_BLOCK = re.compile(r"(<!-- results:start -->\n)(.*?)(<!-- results:end -->)", re.S)
-
 
 def grid_rows(config: Config, runs_dir: Path) -> tuple[list[dict], list[str], list]:
     """Fixed evaluation images with the ground truth and the seed-0 prediction of every method
@@ -52,18 +50,25 @@ def grid_rows(config: Config, runs_dir: Path) -> tuple[list[dict], list[str], li
     return rows, list(index.class_names), [list(c) for c in index.palette]
 
 
-def update_readme(readme: Path, table_markdown: str) -> None:
-    text = readme.read_text()
-    if not README_BLOCK.search(text):
-        raise UserError(f"{readme} has no <!-- results:start --> ... <!-- results:end --> block")
-    replaced = README_BLOCK.sub(
-        lambda m: m.group(1) + table_markdown.strip() + "\n" + m.group(3), text
+def update_readme(readme: Path, table_markdown: str, block: str = "results") -> None:
+    """Replace the text between <!-- BLOCK:start --> and <!-- BLOCK:end --> in the README."""
+    pattern = re.compile(
+        rf"(<!-- {re.escape(block)}:start -->\n)(.*?)(<!-- {re.escape(block)}:end -->)", re.S
     )
+    text = readme.read_text()
+    if not pattern.search(text):
+        raise UserError(f"{readme} has no <!-- {block}:start --> ... <!-- {block}:end --> block")
+    replaced = pattern.sub(lambda m: m.group(1) + table_markdown.strip() + "\n" + m.group(3), text)
     write_text(readme, replaced)
 
 
 def write_reports(
-    config: Config, metrics_dir: Path, out_dir: Path, runs_dir: Path, readme: Path | None = None
+    config: Config,
+    metrics_dir: Path,
+    out_dir: Path,
+    runs_dir: Path,
+    readme: Path | None = None,
+    readme_block: str = "results",
 ) -> dict:
     from memseg_bench import figures
     from memseg_bench.evaluation_run import protocol
@@ -87,5 +92,6 @@ def write_reports(
     write_json(out_dir / "summary.json", summary)
     if readme is not None:
         lines = "\n".join(f"- {line}" for line in describe(checks))
-        update_readme(readme, (tables / "main.md").read_text() + "\nProtocol checks:\n\n" + lines)
+        table = (tables / "main.md").read_text()
+        update_readme(readme, table + "\nProtocol checks:\n\n" + lines, readme_block)
     return summary

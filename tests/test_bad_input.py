@@ -150,3 +150,18 @@ def test_failed_checkpoint_write_keeps_the_previous_file(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert checkpoint.load(path) == {"step": 1}
     _no_temporary_files(tmp_path)
+
+
+def test_prepare_checks_only_the_splits_the_sweep_uses(project, tmp_path):
+    root = _copy(project, tmp_path)
+    params = copy.deepcopy(TINY_PARAMS)
+    # no ablations asked for: their label count need not exist
+    params["sweep"].update({"ablations": [], "ablation_n_labeled": 9, "ablation_seeds": [0]})
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    memseg(root, "prepare")
+    params["sweep"]["ablations"] = ["no_quality_filter"]
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    _fails(memseg(root, "prepare", check=False), "random/9 not found", "sweep.ablation_n_labeled")
+    params["sweep"].update({"ablations": [], "n_labeled": [7]})
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    _fails(memseg(root, "prepare", check=False), "random/7 not found", "sweep.n_labeled")

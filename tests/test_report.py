@@ -272,3 +272,19 @@ def test_non_numeric_compute_value_is_a_user_error(tmp_path):
     metrics = write(tmp_path / "metrics", runs)
     with pytest.raises(UserError, match=r"supervised-n20-s0\.json.*compute\.wall_time_s"):
         build_report(metrics, tmp_path / "tables")
+
+
+def test_update_readme_replaces_only_the_named_block(tmp_path):
+    from memseg_bench.report_stage import update_readme
+
+    readme = tmp_path / "README.md"
+    readme.write_text(
+        "intro\n<!-- results:start -->\nold\n<!-- results:end -->\nmiddle\n"
+        "<!-- camvid:start -->\nold camvid\n<!-- camvid:end -->\nend\n"
+    )
+    update_readme(readme, "| new camvid |", "camvid")
+    text = readme.read_text()
+    assert "<!-- camvid:start -->\n| new camvid |\n<!-- camvid:end -->" in text
+    assert "<!-- results:start -->\nold\n<!-- results:end -->" in text
+    with pytest.raises(UserError, match="no <!-- voc:start -->"):
+        update_readme(readme, "x", "voc")
