@@ -98,11 +98,9 @@ def protocol_checks(main: dict, curves_dir: Path, limits: ReportConfig) -> dict:
 
 
 def _interval(interval) -> str:
-    return (
-        "no interval (one pair)"
-        if interval is None
-        else (f"95% interval [{interval[0]:+.1f}, {interval[1]:+.1f}]")
-    )
+    if interval is None:
+        return "no interval (one pair)"
+    return f"95% interval [{interval[0]:+.1f}, {interval[1]:+.1f}]"
 
 
 def describe(checks: dict) -> list[str]:
@@ -140,7 +138,8 @@ def describe(checks: dict) -> list[str]:
         lines.append(
             f"gain ({verdict}): at {gain['n_labeled']} labels memseg − supervised "
             f"{gain['memseg_minus_supervised']:+.1f} points, {_interval(gain['interval95'])} "
-            f"over {gain['pairs']} seeds (limit ≥ {gain['limit']:g}, interval above 0); "
+            f"over {gain['pairs']} seed{'s' if gain['pairs'] != 1 else ''} "
+            f"(limit ≥ {gain['limit']:g}, interval above 0); "
             f"{self_text}"
         )
     return lines
