@@ -233,6 +233,34 @@ def splits_draw(
     draw_family(_config(params), family, n_labeled, seed)
 
 
+@app.command()
+def init(
+    root: Path = typer.Argument(..., help="dataset folder in the generic (folder) layout"),
+    name: str = typer.Option(..., help="protocol name: splits/<name>, pipelines/<name>"),
+    preset: str = typer.Option("camvid", help="protocol to start from (memseg_bench/presets)"),
+    labeled: list[str] = typer.Option(
+        ["1/8"], "--labeled", help="label count or fraction of the train images (repeatable)"
+    ),
+    seeds: int = typer.Option(3, help="seeds, each with its own split draw"),
+    settings: list[str] = typer.Option(
+        [], "--set", help="SECTION.KEY=VALUE written into the params (repeatable)"
+    ),
+) -> None:
+    """Check a folder dataset and write its splits, params and pipeline; prints the command."""
+    from memseg_bench.own_dataset import init_dataset
+
+    made = init_dataset(root, name, preset, tuple(labeled), seeds, tuple(settings))
+    counts = ", ".join(str(n) for n in made["label_counts"])
+    typer.echo(
+        f"{made['splits']}/random_s*: {seeds} split draws of {counts} and all "
+        f"{made['train_images']} labeled train images\n"
+        f"wrote {made['params']} and {made['pipeline']}\n"
+        f"commit them (git add {made['splits']} {made['params'].parent}), then run:\n"
+        f"  {made['command']}\n"
+        f"tables land in {made['tables']}/"
+    )
+
+
 def main() -> None:
     try:
         app()

@@ -103,6 +103,8 @@ class TrainConfig:
     batch_unlabeled: int = 2
     crop: int = 64
     lr: float = 0.01
+    # sgd (the paper's, with `momentum`) or adamw (decoupled `weight_decay`).
+    optimizer: Literal["sgd", "adamw"] = "sgd"
     momentum: float = 0.9
     weight_decay: float = 5e-4
     poly_power: float = 0.9
@@ -291,11 +293,11 @@ def _build(cls: type, values: dict, prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
-def _merge(base: dict, override: dict) -> dict:
+def deep_merge(base: dict, override: dict) -> dict:
     merged = dict(base)
     for key, value in override.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
+            merged[key] = deep_merge(merged[key], value)
         else:
             merged[key] = value
     return merged
@@ -334,14 +336,14 @@ def config_from_dict(values: dict) -> Config:
         for key in ("preset", "sweep"):
             if key in layered:
                 raise UserError(f"preset file {preset}.yaml: key '{key}' belongs in params.yaml")
-    layered = _merge(layered, values)
+    layered = deep_merge(layered, values)
     return _build(Config, layered)
 
 
 def load_config(path: str | Path = "params.yaml", overrides: dict | None = None) -> Config:
     values = _read_yaml(Path(path), "params file")
     if overrides:
-        values = _merge(values, overrides)
+        values = deep_merge(values, overrides)
     return config_from_dict(values)
 
 

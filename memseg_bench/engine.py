@@ -50,6 +50,14 @@ def poly_lr(base: float, step: int, total: int, power: float) -> float:
     return base * (1 - step / total) ** power
 
 
+def make_optimizer(parameters, train) -> torch.optim.Optimizer:
+    if train.optimizer == "adamw":
+        return torch.optim.AdamW(parameters, lr=train.lr, weight_decay=train.weight_decay)
+    return torch.optim.SGD(
+        parameters, lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay
+    )
+
+
 def build_models(config: Config, spec: RunSpec, num_classes: int, device: torch.device):
     from memseg_bench.methods import METHODS
     from memseg_bench.models import build_heads, build_segmenter
@@ -186,12 +194,7 @@ class Trainer:
             distributed.broadcast_state(self.model, self.dist)
             if self.teacher is not None:
                 distributed.broadcast_state(self.teacher, self.dist)
-        self.optimizer = torch.optim.SGD(
-            self.model.parameters(),
-            lr=train.lr,
-            momentum=train.momentum,
-            weight_decay=train.weight_decay,
-        )
+        self.optimizer = make_optimizer(self.model.parameters(), train)
         generator = torch.Generator(device=self.device)
         generator.manual_seed(spec.seed * 1000 + self.dist.rank)
         bank = None

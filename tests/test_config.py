@@ -81,3 +81,17 @@ def test_every_preset_loads():
 def test_repository_params_load():
     config = load_config("params.yaml")
     assert config.sweep.methods == ("supervised", "selftrain", "memseg")
+
+
+def test_optimizer_is_a_named_choice():
+    import torch
+
+    from memseg_bench.engine import make_optimizer
+
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    adamw = config_from_dict({"train": {"optimizer": "adamw", "lr": 0.001}}).train
+    assert isinstance(make_optimizer(params, adamw), torch.optim.AdamW)
+    sgd = make_optimizer(params, config_from_dict({}).train)
+    assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["momentum"] == 0.9
+    with pytest.raises(UserError, match="train.optimizer"):
+        config_from_dict({"train": {"optimizer": "adam"}})
