@@ -447,7 +447,9 @@ class Trainer:
                 self.elapsed += time.perf_counter() - started
                 window_steps += 1
                 last = self.step == train.iterations
-                if self.step % train.log_every == 0 or last:
+                # A validation gets a curve row of its own step, also between log steps.
+                validating = bool(train.val_every) and (self.step % train.val_every == 0 or last)
+                if self.step % train.log_every == 0 or last or validating:
                     now = time.perf_counter()
                     seconds = now - window_start
                     rate = window_steps * train.batch_labeled / seconds
@@ -462,7 +464,7 @@ class Trainer:
                     window_start, window_steps = now, 0
                 else:
                     bar.update(task, completed=self.step)
-                if train.val_every and (self.step % train.val_every == 0 or last):
+                if validating:
                     self.validate()
                 if self.step % train.checkpoint_every == 0 or last:
                     self.save_checkpoint()

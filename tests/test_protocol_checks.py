@@ -22,6 +22,12 @@ def test_last_fifth_gain_reads_the_validations_in_the_last_fifth():
     flat = curve([0.3, 0.4, 0.5, 0.55, 0.56, 0.56, 0.57, 0.575, 0.578, 0.58])
     assert last_part_gain(flat)["gain"] == pytest.approx(0.5)
     assert last_part_gain(curve([0.5])) is None  # one validation: nothing to compare
+    every_72 = {"step": [72, 144, 216, 288, 360], "val_miou": [0.1, 0.2, 0.3, 0.40, 0.41]}
+    assert last_part_gain(every_72) == {
+        "from_step": 288,
+        "to_step": 360,
+        "gain": pytest.approx(1.0),
+    }
     assert last_part_gain({"step": [1, 2], "val_miou": [float("nan")] * 2}) is None
 
 
