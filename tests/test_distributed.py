@@ -43,6 +43,10 @@ def _config():
                 "batch_labeled": 2,
                 "batch_unlabeled": 2,
                 "iterations": 50,
+                # Adam's per-weight normalisation turns float-order noise in near-zero gradients
+                # into whole steps; SGD keeps the one-process / two-rank comparison meaningful.
+                "optimizer": "sgd",
+                "lr": 0.02,
                 "freeze_bn": True,
                 "augment": {"labeled": NO_AUGMENT, "unlabeled": NO_AUGMENT},
             },
