@@ -286,6 +286,10 @@ def main() -> None:
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)
+    except SystemExit as stop:
+        if stop.code == 130:  # typer ends a command on Ctrl-C with this code and no word
+            typer.echo("interrupted", err=True)
+        raise
 
 
 if __name__ == "__main__":
