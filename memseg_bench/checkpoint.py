@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from memseg_bench import torchfile
 from memseg_bench.errors import UserError, first_line
 from memseg_bench.fileio import atomic_path
 
@@ -50,10 +51,4 @@ def load(path: str | Path, map_location="cpu") -> dict:
     reconstruction globals allow-listed for weights_only loading."""
     core = getattr(np, "_core", None) or np.core
     safe = [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype("uint32"))]
-    try:
-        with torch.serialization.safe_globals(safe):
-            return torch.load(path, map_location=map_location, weights_only=True)
-    except FileNotFoundError:
-        raise UserError(f"checkpoint not found: {path}") from None
-    except Exception as error:  # noqa: BLE001 - any unpickling failure is a bad file for the user
-        raise UserError(f"cannot load checkpoint {path}: {first_line(error)}") from None
+    return torchfile.load(path, "checkpoint", map_location=map_location, allowed=safe)

@@ -32,6 +32,15 @@ def _config(params: Path, preset: str | None = None):
     return load_config(params, None if preset is None else {"preset": preset})
 
 
+def _training_config(params: Path, preset: str | None = None):
+    """The config of a command that builds a model: a weights file it names is checked first."""
+    from memseg_bench.torchfile import check_weights_option
+
+    config = _config(params, preset)
+    check_weights_option(config.model.weights)
+    return config
+
+
 @app.command()
 def prepare(
     params: Path = PARAMS,
@@ -60,7 +69,7 @@ def train(
     from memseg_bench.engine import train as run_train
     from memseg_bench.runs import config_for_run, make_spec
 
-    config = _config(params)
+    config = _training_config(params)
     spec = make_spec(method, config.split.family, n_labeled, seed, variant)
     summary = run_train(config_for_run(config, spec), spec, runs_dir, curves_dir, resume=resume)
     typer.echo(
@@ -131,12 +140,19 @@ def predict(
     model: Path = typer.Option(Path("models/student.onnx"), help="exported ONNX model"),
     output: Path = typer.Option(None, "--output", "-o", help="output folder"),
     provider: str = typer.Option("auto", help="auto | cpu | cuda"),
+    max_side: int = typer.Option(
+        2048, help="longest side the model sees; larger images are downscaled (0: no limit)"
+    ),
 ) -> None:
     """Segment images with the exported model (onnxruntime, no torch)."""
     from memseg_bench.predict import predict as run_predict
 
     run_predict(
-        [str(p) for p in inputs], str(model), None if output is None else str(output), provider
+        [str(p) for p in inputs],
+        str(model),
+        None if output is None else str(output),
+        provider,
+        max_side=max_side,
     )
 
 
@@ -180,7 +196,7 @@ def bench_step(
     """Iteration time of memseg vs selftrain vs supervised at equal batch, as ratios."""
     from memseg_bench.bench_train import bench_step as run
 
-    run(_config(params, preset), steps=steps, threads=threads)
+    run(_training_config(params, preset), steps=steps, threads=threads)
 
 
 @bench_app.command("train")
@@ -197,7 +213,7 @@ def bench_train(
     from memseg_bench.bench_train import bench_train as run
 
     run(
-        _config(params, preset),
+        _training_config(params, preset),
         method=method,
         steps=steps,
         warmup=warmup,
@@ -270,6 +286,10 @@ def main() -> None:
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)
+    except SystemExit as stop:
+        if stop.code == 130:  # typer ends a command on Ctrl-C with this code and no word
+            typer.echo("interrupted", err=True)
+        raise
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+from memseg_bench import torchfile
 from memseg_bench.config import Config, ModelConfig, config_from_dict
 from memseg_bench.errors import UserError
 from memseg_bench.fileio import read_json, write_json, write_text
@@ -48,8 +49,33 @@ def _score(model_file: Path, config: Config, index, split: str, device) -> dict:
     from memseg_bench.evaluate import score_split
     from memseg_bench.models import load_segmenter
 
+    torchfile.check(model_file, "model file")
     segmenter, _ = load_segmenter(model_file)
     return score_split(segmenter.to(device), index, split, config, device)
+
+
+def _stored_config(model_file: Path, summary: dict, summary_file: Path) -> Config:
+    """The config in a model file, which must be the one its run trained under."""
+    from memseg_bench.models import MODEL_FILE_KEYS
+
+    stored = torchfile.load(model_file, "model file", mmap=True)
+    if not isinstance(stored, dict) or any(key not in stored for key in MODEL_FILE_KEYS):
+        raise UserError(
+            f"model file {model_file} is not a memseg_bench model file: it lacks one of the "
+            f"entries {list(MODEL_FILE_KEYS)}"
+        )
+    try:
+        config = config_from_dict(stored["config"])
+    except UserError as error:
+        raise UserError(f"model file {model_file}: stored config is invalid: {error}") from None
+    trained = summary.get("provenance", {}).get("config_hash")
+    if stored["config_hash"] != trained:
+        raise UserError(
+            f"model file {model_file} was written under another protocol "
+            f"({protocol(config, config.split.family)['id']}, config hash "
+            f"{stored['config_hash']}) than {summary_file} records (config hash {trained})"
+        )
+    return config
 
 
 def evaluate_run(run_dir: Path, metrics_dir: Path) -> dict:
@@ -60,10 +86,9 @@ def evaluate_run(run_dir: Path, metrics_dir: Path) -> dict:
     model_file = run_dir / "model.pt"
     if not model_file.is_file():
         raise UserError(f"--run {run_dir}: no model.pt (train the run first)")
-    stored = torch.load(model_file, map_location="cpu", weights_only=True)
-    config = config_from_dict(stored["config"])
-    spec = parse_run_name(run_dir.name, config.split.family)
     summary = read_json(run_dir / "train.json")
+    config = _stored_config(model_file, summary, run_dir / "train.json")
+    spec = parse_run_name(run_dir.name, config.split.family)
     index = open_dataset(config.data)
     split = config.evaluate.split
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -92,10 +117,11 @@ def evaluate_run(run_dir: Path, metrics_dir: Path) -> dict:
         "compute": summary["compute"],
         "provenance": {**summary["provenance"], "checkpoint_hash": _sha256(model_file)},
     }
-    write_json(metrics_dir / f"{spec.name}.json", result)
     lines = ["class,iou"] + [
         f"{name},{'' if value is None else f'{value:.6f}'}"
         for name, value in scores["per_class_iou"].items()
     ]
     write_text(metrics_dir / f"{spec.name}.per_class.csv", "\n".join(lines) + "\n")
+    # The JSON, which the report reads, comes last: a killed run leaves none or both.
+    write_json(metrics_dir / f"{spec.name}.json", result)
     return result

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from memseg_bench import torchfile
 from memseg_bench.errors import UserError
 from memseg_bench.fileio import atomic_path, write_json
 
@@ -142,12 +143,13 @@ def export_onnx(
 ) -> dict:
     """Export the segmenter in `model_file` to `onnx_path` and write the parity report.
 
-    The .onnx file only appears when parity passes; on failure the report is still written and a
-    UserError is raised."""
+    The .onnx file only appears when parity passes, and its report after it; on failure the report
+    is still written and a UserError is raised."""
     import onnxruntime as ort
 
     from memseg_bench.models import load_segmenter
 
+    torchfile.check(model_file, "model file")
     segmenter, info = load_segmenter(model_file)
     wrapper = FullResolution(segmenter).eval()
     onnx_path, report_path = Path(onnx_path), Path(report_path)
@@ -174,11 +176,13 @@ def export_onnx(
             "passed": passed,
             "checks": checks,
         }
-        write_json(report_path, report)
         if not passed:
+            write_json(report_path, report)
             raise UserError(
                 f"ONNX parity failed for {onnx_path}: max abs diff {worst_diff:.3g} "
                 f"(tolerance {max_abs_tolerance}), argmax agreement {worst_agreement:.5f} "
                 f"(required {min_argmax_agreement}); see {report_path}"
             )
+    # After the model is in place: a passing report never names a model that is not there.
+    write_json(report_path, report)
     return report

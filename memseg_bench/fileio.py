@@ -49,13 +49,27 @@ def read_json(path: str | Path) -> Any:
         raise UserError(f"{path} is not valid JSON: {error}") from None
 
 
-def read_image(path: str | Path) -> np.ndarray:
-    """RGB uint8 array (H, W, 3)."""
-    from PIL import Image, UnidentifiedImageError
+def _eight_bit(image):
+    """A 16-bit greyscale image scaled to 8 bits (Pillow's conversion would clip it at 255)."""
+    from PIL import Image
+
+    if not image.mode.startswith("I;16"):
+        return image
+    wide = np.asarray(image).astype(np.uint32)
+    return Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8))
+
+
+def read_image(path: str | Path, orient: bool = False) -> np.ndarray:
+    """RGB uint8 array (H, W, 3), as stored, or with `orient` turned by its EXIF orientation tag
+    as viewers display it. Dataset images are read as stored: their labels were made that way.
+    16-bit greyscale is scaled to 8 bits."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
         with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"))
+            if orient:
+                image = ImageOps.exif_transpose(image)
+            return np.asarray(_eight_bit(image).convert("RGB"))
     except FileNotFoundError:
         raise UserError(f"image not found: {path}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
@@ -93,5 +107,8 @@ def save_png(path: str | Path, array: np.ndarray, palette: list[list[int]] | Non
         image = image.convert("P") if image.mode != "P" else image
         flat = [v for rgb in palette for v in rgb]
         image.putpalette(flat + [0] * (768 - len(flat)))
-    with atomic_path(path) as tmp:
-        image.save(tmp, format="PNG")
+    try:
+        with atomic_path(path) as tmp:
+            image.save(tmp, format="PNG")
+    except OSError as error:
+        raise UserError(f"cannot write {path}: {error.strerror or error}") from None

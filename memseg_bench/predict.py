@@ -2,11 +2,15 @@
 
 For every image: `<stem>_mask.png` (palette PNG, pixel value = class id) and `<stem>_overlay.png`
 (the image blended 50% with the coloured mask), next to the input unless an output folder is given.
+Images are read as displayed (EXIF orientation applied). One longer than `max_side` pixels is
+downscaled for the model and its mask upscaled (nearest) to the image size, which bounds memory.
+A file that is not a readable image is skipped with one line; the run then ends with an error.
 """
 
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from pathlib import Path
 
@@ -16,6 +20,8 @@ from memseg_bench.errors import UserError, first_line
 from memseg_bench.fileio import read_image, save_png
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+MAX_SIDE = 2048  # longest side the model sees; a 2048x1365 input is ~0.5 GB for a ResNet-50
+OVERLAY_ROWS = 256  # rows blended at a time: float temporaries stay small on large images
 INPUT_NAME = "image"  # must match memseg_bench.export (not imported: it needs torch)
 OUTPUT_NAME = "logits"
 REQUIRED_METADATA = ("class_names", "palette", "num_classes")
@@ -110,41 +116,111 @@ def segment(session, image: np.ndarray) -> tuple[np.ndarray, float]:
     return logits[0].argmax(0).astype(np.uint8), latency
 
 
+def model_size(height: int, width: int, max_side: int) -> tuple[int, int]:
+    """(height, width) the model sees: the image's, or scaled so the longer side is max_side."""
+    longest = max(height, width)
+    if not max_side or longest <= max_side:
+        return height, width
+    scale = max_side / longest
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def segment_bounded(session, image: np.ndarray, max_side: int) -> tuple[np.ndarray, float, tuple]:
+    """segment() on the image downscaled to model_size(); the mask comes back at full size."""
+    from PIL import Image
+
+    height, width = image.shape[:2]
+    size = model_size(height, width, max_side)
+    if size == (height, width):
+        return (*segment(session, image), size)
+    small = Image.fromarray(image).resize((size[1], size[0]), Image.Resampling.BILINEAR)
+    mask, latency = segment(session, np.asarray(small))
+    full = Image.fromarray(mask).resize((width, height), Image.Resampling.NEAREST)
+    return np.asarray(full), latency, size
+
+
 def overlay(image: np.ndarray, mask: np.ndarray, colours: np.ndarray) -> np.ndarray:
-    blended = 0.5 * image.astype(np.float32) + 0.5 * colours[mask].astype(np.float32)
-    return np.round(blended).astype(np.uint8)
+    blended = np.empty_like(image)
+    for start in range(0, image.shape[0], OVERLAY_ROWS):
+        rows = slice(start, start + OVERLAY_ROWS)
+        mix = 0.5 * image[rows].astype(np.float32) + 0.5 * colours[mask[rows]].astype(np.float32)
+        blended[rows] = np.round(mix)
+    return blended
+
+
+def _check_writable(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        reason = error.strerror or error
+        raise UserError(f"output folder {folder} is not writable: {reason}") from None
+
+
+def _segment_and_save(
+    session, info: dict, image: np.ndarray, path: Path, folder: Path, max_side: int
+) -> dict:
+    mask, latency, size = segment_bounded(session, image, max_side)
+    mask_path = folder / f"{path.stem}_mask.png"
+    overlay_path = folder / f"{path.stem}_overlay.png"
+    save_png(mask_path, mask, palette=info["palette"])
+    save_png(overlay_path, overlay(image, mask, info["colours"]))
+    return {
+        "input": str(path),
+        "mask": str(mask_path),
+        "overlay": str(overlay_path),
+        "height": int(image.shape[0]),
+        "width": int(image.shape[1]),
+        "model_height": size[0],
+        "model_width": size[1],
+        "latency_ms": latency,
+    }
+
+
+def _summary_line(result: dict) -> str:
+    width, height = result["width"], result["height"]
+    line = f"{result['input']}: {width}x{height} -> {result['mask']} ({result['latency_ms']:.1f} ms"
+    if (result["model_width"], result["model_height"]) != (width, height):
+        line += f", segmented at {result['model_width']}x{result['model_height']}"
+    return line + ")"
 
 
 def predict(
-    inputs: list[str], model: str, output_dir: str | None = None, provider: str = "auto"
+    inputs: list[str],
+    model: str,
+    output_dir: str | None = None,
+    provider: str = "auto",
+    max_side: int = MAX_SIDE,
 ) -> list[dict]:
-    """Segment every input image; returns one dict per image (paths, size, latency_ms)."""
+    """Segment every input image; returns one dict per segmented image (paths, sizes, latency).
+
+    Unreadable images are skipped, each with one line on stderr; a UserError after the others
+    names them."""
     from rich.console import Console
 
-    console = Console(highlight=False)
+    if max_side < 0:
+        raise UserError(f"--max-side must be 0 (no limit) or positive, got {max_side}")
+    console = Console(highlight=False, soft_wrap=True)
+    errors = Console(highlight=False, soft_wrap=True, stderr=True)
     images = collect_images(inputs)
+    if output_dir is not None:
+        _check_writable(Path(output_dir))
     session, info = open_session(model, provider)
     console.print(f"model {model}: provider {session.get_providers()[0]}")
-    results = []
+    results, skipped = [], []
     for path in images:
-        image = read_image(path)
-        mask, latency = segment(session, image)
         folder = Path(output_dir) if output_dir is not None else path.parent
-        mask_path = folder / f"{path.stem}_mask.png"
-        overlay_path = folder / f"{path.stem}_overlay.png"
-        save_png(mask_path, mask, palette=info["palette"])
-        save_png(overlay_path, overlay(image, mask, info["colours"]))
-        console.print(
-            f"{path}: {image.shape[1]}x{image.shape[0]} -> {mask_path} ({latency:.1f} ms)"
-        )
-        results.append(
-            {
-                "input": str(path),
-                "mask": str(mask_path),
-                "overlay": str(overlay_path),
-                "height": int(image.shape[0]),
-                "width": int(image.shape[1]),
-                "latency_ms": latency,
-            }
-        )
+        try:
+            image = read_image(path, orient=True)
+        except UserError as error:
+            errors.print(f"skipped: {error}", markup=False)
+            skipped.append(path)
+            continue
+        result = _segment_and_save(session, info, image, path, folder, max_side)
+        console.print(_summary_line(result), markup=False)
+        results.append(result)
+    if skipped:
+        names = ", ".join(str(p) for p in skipped[:5]) + (" ..." if len(skipped) > 5 else "")
+        raise UserError(f"{len(skipped)} of {len(images)} inputs are not readable images: {names}")
     return results

@@ -4,7 +4,8 @@ Checks the layout, the image counts of the official splits, that every listed im
 exists, and (for all images, or an evenly spaced sample of `limit` per split) that images decode,
 labels are single-channel class-index PNGs of the image's size with values in 0..C-1 or 255.
 Recognised mistakes: VOC colour PNGs saved as RGB, missing SBD aug masks, Cityscapes labelIds
-where trainIds are expected, JPEG (lossy) label files.
+where trainIds are expected, JPEG (lossy) label files, also under a .png name. Every problem is
+printed on one line.
 """
 
 from __future__ import annotations
@@ -104,10 +105,15 @@ def _check_item(index, split: str, item: str, counts: np.ndarray) -> list[str]:
         return problems + [str(error)]
     try:
         with Image.open(label_path) as opened:
-            mode = opened.mode
+            mode, encoding = opened.mode, opened.format
             raw = np.asarray(opened)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         return problems + [f"cannot read label {label_path}: {error}"]
+    if encoding == "JPEG" and not problems:  # JPEG data under a .png name
+        return [
+            f"label {label_path} holds JPEG data: JPEG compression changes class indices; "
+            "labels must be lossless PNG"
+        ]
     if mode in ("RGB", "RGBA"):
         return problems + [
             f"label {label_path} is an {mode} colour image: labels must be single-channel class "
@@ -254,7 +260,7 @@ def print_check(
     if problems:
         console.print(f"[bold red]{len(problems)} problem(s):[/]")
         for problem in problems:
-            console.print(f"  - {problem}", markup=False, highlight=False)
+            console.print(f"  - {problem}", markup=False, highlight=False, soft_wrap=True)
     else:
         console.print("[bold green]no problems found[/]")
     return problems
