@@ -58,3 +58,14 @@ def make_project(root: Path, params: dict | None = None, draw: bool = True) -> P
     if draw:
         memseg(root, "splits", "draw", "--n", "6", "--n", "24", "--seed", "0")
     return root
+
+
+def one_error_line(result: subprocess.CompletedProcess, *needles: str) -> str:
+    """The single `error: ...` stderr line of a command that exited 1, holding every needle."""
+    assert result.returncode == 1, result.stdout + result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ")
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]

@@ -9,17 +9,11 @@ import pytest
 import yaml
 from PIL import Image
 
-from tests.project import TINY_PARAMS, make_project, memseg
+from tests.project import TINY_PARAMS, make_project, memseg, one_error_line
 
 
 def _fails(result, *needles):
-    assert result.returncode == 1, result.stdout + result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: ")
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    assert "Traceback" not in result.stderr
+    one_error_line(result, *needles)
 
 
 def _no_temporary_files(root: Path):

@@ -28,7 +28,7 @@ import yaml
 from PIL import Image, ImageOps
 
 from tests.fakes import make_cityscapes, make_folder, make_voc
-from tests.project import TINY_PARAMS, make_project, memseg
+from tests.project import TINY_PARAMS, make_project, memseg, one_error_line
 
 RUN = "supervised-n6-s0"
 TRAIN = ("train", "--method", "supervised", "--n-labeled", "6", "--seed", "0")
@@ -42,17 +42,6 @@ FAST_PARAMS["train"].update(
 FAST_PARAMS["export"]["min_argmax_agreement"] = 0.99
 # Torch's words when it refuses a pickle, and its warnings: none may reach the user.
 TORCH_ADVICE = ("weights_only", "Weights only", "trust", "pickle", "Warning")
-
-
-def error_line(result: subprocess.CompletedProcess, *needles: str) -> str:
-    """The one stderr line of a failed command, checked to hold every needle."""
-    assert result.returncode == 1, result.stdout + result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: ")
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 def temporary_files(root: Path) -> list[Path]:
@@ -288,7 +277,7 @@ def hostile(path: Path, content: dict) -> Path:
 
 
 def refused(result: subprocess.CompletedProcess, path: Path, kind: str, marker: Path) -> None:
-    line = error_line(result, str(path), f"is not {kind}", "posix.mkdir")
+    line = one_error_line(result, str(path), f"is not {kind}", "posix.mkdir")
     printed = (result.stderr + result.stdout).replace(str(path.parent), "<folder>")
     for advice in TORCH_ADVICE:
         assert advice not in printed, line
@@ -583,7 +572,7 @@ def test_predict_into_an_unwritable_folder_fails_in_one_line(model, tmp_path, wh
         (tmp_path / "locked").mkdir(mode=0o555)
     result = memseg(tmp_path, "predict", "image.png", "-o", output, "--model", str(model),
                     check=False)  # fmt: skip
-    error_line(result, f"output folder {output} is not writable")
+    one_error_line(result, f"output folder {output} is not writable")
     assert not list(tmp_path.rglob("*_mask.png"))
 
 
