@@ -8,7 +8,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from memseg_bench import torchfile
 from memseg_bench.errors import UserError
 
 WARMUP = 2
@@ -65,7 +64,6 @@ def bench_infer(
         ).eval()
         description = f"random-init deeplabv3plus {backbone}"
     else:
-        torchfile.check(model_file, "model file")
         segmenter, info = load_segmenter(model_file)
         config = info["config"]
         description = f"{model_file} ({config.model.arch} {config.model.backbone})"

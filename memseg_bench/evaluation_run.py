@@ -49,7 +49,6 @@ def _score(model_file: Path, config: Config, index, split: str, device) -> dict:
     from memseg_bench.evaluate import score_split
     from memseg_bench.models import load_segmenter
 
-    torchfile.check(model_file, "model file")
     segmenter, _ = load_segmenter(model_file)
     return score_split(segmenter.to(device), index, split, config, device)
 

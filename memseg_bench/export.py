@@ -18,7 +18,6 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from memseg_bench import torchfile
 from memseg_bench.errors import UserError
 from memseg_bench.fileio import atomic_path, write_json
 
@@ -149,7 +148,6 @@ def export_onnx(
 
     from memseg_bench.models import load_segmenter
 
-    torchfile.check(model_file, "model file")
     segmenter, info = load_segmenter(model_file)
     wrapper = FullResolution(segmenter).eval()
     onnx_path, report_path = Path(onnx_path), Path(report_path)

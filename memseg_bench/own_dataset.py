@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from memseg_bench.errors import UserError
+from memseg_bench.errors import UserError, problems_error
 from memseg_bench.fileio import write_text
 
 PIPELINES_ROOT = Path("pipelines")
@@ -226,8 +226,7 @@ def init_dataset(
         raise UserError(f"{folder} exists already; choose another --name or remove it yourself")
     problems, check = check_dataset("folder", root)
     if problems:
-        more = f" (and {len(problems) - 1} more: memseg data check lists them)"
-        raise UserError(problems[0] + (more if len(problems) > 1 else ""))
+        raise problems_error(problems)
     found = check["splits"]
     if "train" not in found or "test" not in found:
         raise UserError(f"data.root {root}: the folder layout needs images/train and images/test")

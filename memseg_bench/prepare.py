@@ -7,7 +7,7 @@ import hashlib
 from pathlib import Path
 
 from memseg_bench.config import Config
-from memseg_bench.errors import UserError
+from memseg_bench.errors import UserError, problems_error
 from memseg_bench.fileio import write_json
 
 SPLITS_ROOT = Path("splits")
@@ -58,10 +58,7 @@ def prepare(config: Config, prepared_path: Path = PREPARED) -> dict:
     index = _dataset(config)
     problems, check = check_dataset(config.data.name, config.data.root, limit=CHECK_LIMIT)
     if problems:
-        more = (
-            f" (and {len(problems) - 1} more: run memseg data check)" if len(problems) > 1 else ""
-        )
-        raise UserError(f"{problems[0]}{more}")
+        raise problems_error(problems)
     train_ids = index.ids("train")
     dataset = split_dataset_name(config)
     verified = {}

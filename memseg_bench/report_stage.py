@@ -6,7 +6,6 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from memseg_bench import torchfile
 from memseg_bench.config import Config
 from memseg_bench.errors import UserError
 from memseg_bench.fileio import write_json, write_text
@@ -30,7 +29,6 @@ def grid_rows(config: Config, runs_dir: Path) -> tuple[list[dict], list[str], li
     for method in config.sweep.methods:
         model_file = runs_dir / f"{method}-n{n_labeled}-s{seed}" / "model.pt"
         if model_file.is_file():
-            torchfile.check(model_file, "model file")
             models[method] = load_segmenter(model_file)[0]
     rows = []
     for item in ids:

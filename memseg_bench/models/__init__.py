@@ -6,11 +6,11 @@ import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
 from torch import nn
 
+from memseg_bench import torchfile
 from memseg_bench.config import ModelConfig, config_from_dict
-from memseg_bench.errors import UserError, first_line
+from memseg_bench.errors import UserError
 from memseg_bench.models.backbones import (
     BACKBONES,
     build_backbone,
@@ -71,12 +71,7 @@ def load_segmenter(model_file: str | Path) -> tuple[nn.Module, dict]:
     from memseg_bench.config import is_official
 
     path = Path(model_file)
-    if not path.is_file():
-        raise UserError(f"model file not found: {path}")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # any unpickling failure means a file we cannot use
-        raise UserError(f"cannot load model file {path}: {first_line(error)}") from None
+    payload = torchfile.load(path, "model file")
     if not isinstance(payload, dict) or any(key not in payload for key in MODEL_FILE_KEYS):
         raise UserError(f"model file {path} lacks one of the entries {list(MODEL_FILE_KEYS)}")
     try:
