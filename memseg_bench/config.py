@@ -126,6 +126,15 @@ class TrainConfig:
     bn_momentum: float | None = None
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
+    def __post_init__(self) -> None:
+        minimum = {"iterations": 1, "batch_labeled": 1, "batch_unlabeled": 0, "crop": 1}
+        minimum |= {"log_every": 1, "checkpoint_every": 1, "val_every": 0, "threads": 0}
+        for key, least in minimum.items():
+            if getattr(self, key) < least:
+                raise UserError(
+                    f"params: 'train.{key}' must be at least {least}, got {getattr(self, key)}"
+                )
+
 
 @dataclass(frozen=True)
 class SelfTrainConfig:

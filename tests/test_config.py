@@ -59,6 +59,15 @@ def test_wrong_type_is_named(values, key):
         config_from_dict(values)
 
 
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("checkpoint_every", 0), ("log_every", 0), ("iterations", 0), ("val_every", -1)],
+)
+def test_schedule_counts_out_of_range_are_named(key, value):
+    with pytest.raises(UserError, match=rf"'train\.{key}' must be at least \d+, got {value}"):
+        config_from_dict({"preset": "embedded", "train": {key: value}})
+
+
 def test_unknown_preset_and_missing_file(tmp_path):
     with pytest.raises(UserError, match="preset"):
         config_from_dict({"preset": "nope"})
