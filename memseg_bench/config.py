@@ -142,6 +142,8 @@ class SelfTrainConfig:
     ramp_iterations: int = 2000
     entropy_weight: float = 0.01
     ema_final: float = 0.995
+    # The paper's EMA momentum rises from ema_final to 1 along a cosine; false keeps ema_final.
+    ema_to_one: bool = True
     # Copy BN running statistics from the student into the teacher at every EMA update.
     teacher_copy_buffers: bool = True
     # Drop the background class (id 0) from ClassMix candidates unless it is alone (VOC).

@@ -348,7 +348,9 @@ class Trainer:
                 distributed.broadcast_state(self.model, self.dist, buffers_only=True)
             if self.teacher is not None:
                 selftrain = self.config.methods.selftrain
-                alpha = ema_alpha(self.step, train.iterations, selftrain.ema_final)
+                alpha = ema_alpha(
+                    self.step, train.iterations, selftrain.ema_final, selftrain.ema_to_one
+                )
                 ema_update(
                     self.teacher, self.model, alpha, copy_buffers=selftrain.teacher_copy_buffers
                 )

@@ -27,6 +27,14 @@ def test_schedule_is_monotone_and_final_is_used():
     assert ema_alpha(200, 10**6, final=0.99) == pytest.approx(0.99, abs=1e-6)
 
 
+def test_constant_momentum_keeps_the_horizon_to_the_end():
+    total = 320
+    assert ema_alpha(total, total, final=0.99, to_one=False) == pytest.approx(0.99)
+    assert ema_alpha(total // 2, total, final=0.99, to_one=False) == pytest.approx(0.99)
+    assert ema_alpha(1, total, final=0.99, to_one=False) == ema_alpha(1, total, final=0.99)
+    assert ema_alpha(total // 2, total, final=0.99) > 0.99
+
+
 def make_pair():
     torch.manual_seed(0)
     student = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))

@@ -8,11 +8,18 @@ import torch
 from torch import nn
 
 
-def ema_alpha(i: int, total: int, final: float = 0.995) -> float:
-    """a_i = min(1 - 1 / (10 i + 1), m_i), m_i a cosine from `final` (i = 0) to 1 (i = total)."""
+def ema_alpha(i: int, total: int, final: float = 0.995, to_one: bool = True) -> float:
+    """a_i = min(1 - 1 / (10 i + 1), m_i), m_i a cosine from `final` (i = 0) to 1 (i = total),
+    or m_i = `final` throughout when not `to_one`.
+
+    The cosine's horizon 1 / (1 - m_i) grows without bound: over the last half of a run the
+    teacher moves less and less and ends as an average of the student's first half.
+    """
     total = max(int(total), 1)
-    cosine = 1.0 - (1.0 - final) * (math.cos(math.pi * min(i, total) / total) + 1.0) / 2.0
-    return min(1.0 - 1.0 / (10.0 * i + 1.0), cosine)
+    momentum = final
+    if to_one:
+        momentum = 1.0 - (1.0 - final) * (math.cos(math.pi * min(i, total) / total) + 1.0) / 2.0
+    return min(1.0 - 1.0 / (10.0 * i + 1.0), momentum)
 
 
 @torch.no_grad()
