@@ -199,17 +199,13 @@ def test_centroid_cosine_gradcheck():
     )
 
 
-def test_loss_benchmark_variants_agree(monkeypatch):
-    from memseg_bench.bench_loss import VARIANTS, run_variant
-    from memseg_bench.models import grouped_mlp
+def test_loss_benchmark_variants_agree():
+    from memseg_bench.bench.loss import VARIANTS, run_variant
 
-    # term_other_form switches the selectors' form for its (normally separate) process
-    monkeypatch.setattr(grouped_mlp, "SPLIT_DEVICES", grouped_mlp.SPLIT_DEVICES)
     rows = {
-        v: run_variant(v, "tiny", threads=1, repeats=1, dtype_name="float64", device="cpu")
+        v: run_variant(v, "embedded", threads=1, repeats=1, dtype_name="float64", device="cpu")
         for v in VARIANTS
     }
-    assert grouped_mlp.SPLIT_DEVICES == ()  # the other form did run
     assert rows["term_other_form"]["loss_value"] == pytest.approx(
         rows["term_ours"]["loss_value"], rel=1e-9
     )
@@ -225,7 +221,7 @@ def test_loss_benchmark_variants_agree(monkeypatch):
 
 
 def test_peak_memory_sees_a_new_allocation():
-    from memseg_bench.bench_loss import PeakMemory
+    from memseg_bench.bench.loss import PeakMemory
 
     peak = PeakMemory("cpu")
     peak.start()
