@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from memseg_bench.methods.contrastive import contrastive_loss, pixel_weights
+from memseg_bench.methods.contrastive import contrastive_loss
 from memseg_bench.methods.contrastive_pairwise import contrastive_loss_pairwise
 
 C, N, D = 5, 6, 8
@@ -130,18 +130,6 @@ def test_divides_by_num_classes_not_classes_present():
         features, classes, padded_memory, padded_count, f_scores, padded_scores, 2 * C
     )
     torch.testing.assert_close(ten * 2, five)
-
-
-def test_pixel_weights_have_mean_one_per_class():
-    gen = torch.Generator().manual_seed(0)
-    classes = torch.randint(0, 4, (200,), generator=gen)
-    scores = torch.rand(200, generator=gen) + 0.1
-    weights = pixel_weights(scores, classes, 4)
-    for c in range(4):
-        keep = classes == c
-        torch.testing.assert_close(weights[keep].mean(), torch.tensor(1.0))
-        ratio = weights[keep] / scores[keep]
-        torch.testing.assert_close(ratio, ratio[0].expand_as(ratio))
 
 
 def test_float32_close_to_float64():
