@@ -165,7 +165,7 @@ def bench_infer(
     threads: int = typer.Option(2),
 ) -> None:
     """PyTorch eager vs ONNX Runtime latency at SIZE x SIZE, as a ratio."""
-    from memseg_bench.bench_infer import bench_infer as run
+    from memseg_bench.bench.infer import bench_infer as run
 
     run(
         None if model is None else str(model), backbone, size=size, repeats=repeats, threads=threads
@@ -174,14 +174,17 @@ def bench_infer(
 
 @bench_app.command("loss")
 def bench_loss(
-    preset: str = typer.Option("voc", help="voc | cityscapes | tiny sizes"),
+    preset: str = typer.Option(
+        "voc_v3p_r50",
+        help="the sizes of a preset's step: voc_v3p_r50 | cityscapes_v3p_r50 | embedded",
+    ),
     threads: int = typer.Option(2),
     repeats: int = typer.Option(3),
     device: str = typer.Option("cpu"),
 ) -> None:
     """Contrastive loss and memory update: closed form vs pairwise, time and peak memory."""
-    from memseg_bench.bench_loss import bench_loss as run
-    from memseg_bench.bench_loss import print_summary
+    from memseg_bench.bench.loss import bench_loss as run
+    from memseg_bench.bench.loss import print_summary
 
     print_summary(run(preset, threads=threads, repeats=repeats, device=device))
 
@@ -194,7 +197,7 @@ def bench_step(
     params: Path = PARAMS,
 ) -> None:
     """Iteration time of memseg vs selftrain vs supervised at equal batch, as ratios."""
-    from memseg_bench.bench_train import bench_step as run
+    from memseg_bench.bench.train import bench_step as run
 
     run(_training_config(params, preset), steps=steps, threads=threads)
 
@@ -210,7 +213,7 @@ def bench_train(
     params: Path = PARAMS,
 ) -> None:
     """Images/s, per-phase step breakdown and peak memory on the present device."""
-    from memseg_bench.bench_train import bench_train as run
+    from memseg_bench.bench.train import bench_train as run
 
     run(
         _training_config(params, preset),

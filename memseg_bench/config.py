@@ -88,6 +88,8 @@ class AugmentSide:
 class AugmentConfig:
     scale_range: tuple[float, float] = (0.75, 1.75)
     blur_sigma: tuple[float, float] = (0.1, 1.5)
+    # Drop the background class (id 0) from ClassMix candidates unless it is alone (VOC).
+    classmix_drop_background: bool = False
     labeled: AugmentSide = field(default_factory=AugmentSide)
     unlabeled: AugmentSide = field(
         default_factory=lambda: AugmentSide(
@@ -146,10 +148,10 @@ class SelfTrainConfig:
     ema_to_one: bool = True
     # Copy BN running statistics from the student into the teacher at every EMA update.
     teacher_copy_buffers: bool = True
-    # Drop the background class (id 0) from ClassMix candidates unless it is alone (VOC).
-    classmix_drop_background: bool = False
-    # Cityscapes class weighting of L_sup and L_pseudo after contrastive_start.
+    # Cityscapes class weighting of L_sup and L_pseudo from step class_weights_start on (the
+    # reference starts it with the contrastive loss: keep it equal to memseg.contrastive_start).
     class_weights: bool = False
+    class_weights_start: int = 2000
 
 
 @dataclass(frozen=True)

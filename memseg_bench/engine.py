@@ -1,5 +1,6 @@
-"""The training loop shared by every method: data streams, optimiser, EMA teacher, memory bank,
-logging, validation and atomic checkpoints with exact resume."""
+"""The training loop shared by every method: data streams, optimiser, teacher and memory bank
+when the method asks for them, logging, validation and atomic checkpoints with exact resume.
+What a method does is in its `Method` record (methods/method.py); this loop calls its hooks."""
 
 from __future__ import annotations
 
@@ -12,11 +13,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from memseg_bench import checkpoint, distributed
-from memseg_bench.config import Config, config_hash, config_to_dict, dump_config, is_official
-from memseg_bench.errors import UserError
-from memseg_bench.fileio import write_json, write_text
-from memseg_bench.runs import RunSpec, device_name, git_commit, peak_memory, seed_everything
+from . import checkpoint, distributed
+from .config import Config, config_hash, config_to_dict, dump_config, is_official
+from .errors import UserError
+from .fileio import write_json, write_text
+from .methods.method import Method
+from .runs import RunSpec, device_name, git_commit, peak_memory, seed_everything
 
 
 @dataclass
@@ -61,11 +63,9 @@ def make_optimizer(parameters, train) -> torch.optim.Optimizer:
     )
 
 
-def build_models(config: Config, spec: RunSpec, num_classes: int, device: torch.device):
-    from memseg_bench.methods import METHODS
-    from memseg_bench.models import build_heads, build_segmenter
+def build_models(config: Config, method: Method, num_classes: int, device: torch.device):
+    from .models import build_heads, build_segmenter
 
-    needs_teacher, needs_bank = METHODS[spec.method]
     net = build_segmenter(
         config.model, num_classes, config.data.mean, config.data.std, official=is_official(config)
     )
@@ -79,14 +79,14 @@ def build_models(config: Config, spec: RunSpec, num_classes: int, device: torch.
     if config.train.compile:
         net.compile()  # in place: state_dict keys stay those of the plain module
     parts = {"net": net}
-    if needs_bank:
+    if method.needs_bank:
         parts["heads"] = build_heads(net.feature_channels, num_classes, config.model.feature_dim)
     model = nn.ModuleDict(parts)
     model = model.to(device)
     if config.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     teacher = None
-    if needs_teacher:
+    if method.needs_teacher:
         teacher = copy.deepcopy(model).requires_grad_(False)
     return model, teacher
 
@@ -104,11 +104,12 @@ class TrainData:
     index: object | None = None
 
 
-def open_train_data(config: Config, spec: RunSpec, dist: distributed.Dist) -> TrainData:
-    from memseg_bench.data.datasets import open_dataset
-    from memseg_bench.data.loader import BatchStream, SegmentationDataset
-    from memseg_bench.data.splits import load_split, split_hash
-    from memseg_bench.methods import METHODS
+def open_train_data(
+    config: Config, spec: RunSpec, dist: distributed.Dist, needs_unlabeled: bool
+) -> TrainData:
+    from .data.datasets import open_dataset
+    from .data.loader import BatchStream, SegmentationDataset
+    from .data.splits import load_split, split_hash
 
     train = config.train
     index = open_dataset(config.data)
@@ -138,7 +139,7 @@ def open_train_data(config: Config, spec: RunSpec, dist: distributed.Dist) -> Tr
         )
 
     unlabeled = None
-    if METHODS[spec.method][0]:
+    if needs_unlabeled:
         if not unlabeled_ids:
             raise UserError(
                 f"split {family}/{spec.n_labeled} has no unlabeled images for {spec.method}"
@@ -163,13 +164,14 @@ class Trainer:
         runs_dir: Path,
         curves_dir: Path,
         data: TrainData | None = None,
+        method: Method | None = None,
     ):
-        from memseg_bench.methods import METHODS, method_losses
-        from memseg_bench.methods.context import StepContext
-        from memseg_bench.methods.memory_bank import new_bank
+        from .methods import METHODS
+        from .methods.context import StepContext
 
         self.config = config
         self.spec = spec
+        self.method = method or METHODS[spec.method]
         self.dist = distributed.setup()
         self.device = self.dist.device
         self.run_dir = runs_dir / spec.name
@@ -185,14 +187,13 @@ class Trainer:
             torch.backends.cudnn.benchmark = not train.deterministic
         seed_everything(spec.seed * 1000 + self.dist.rank)
 
-        self.data = data or open_train_data(config, spec, self.dist)
+        self.data = data or open_train_data(config, spec, self.dist, self.method.needs_teacher)
         self.labeled_stream = self.data.labeled
         self.unlabeled_stream = self.data.unlabeled
         self.n_labeled = self.data.n_labeled
         self.num_classes = len(self.data.class_names)
-        needs_bank = METHODS[spec.method][1]
 
-        self.model, self.teacher = build_models(config, spec, self.num_classes, self.device)
+        self.model, self.teacher = build_models(config, self.method, self.num_classes, self.device)
         if self.dist.enabled:
             distributed.broadcast_state(self.model, self.dist)
             if self.teacher is not None:
@@ -201,11 +202,8 @@ class Trainer:
         generator = torch.Generator(device=self.device)
         generator.manual_seed(spec.seed * 1000 + self.dist.rank)
         bank = None
-        if needs_bank:
-            settings = config.methods.memseg
-            bank = new_bank(
-                self.num_classes, settings.memory_size, config.model.feature_dim, self.device
-            )
+        if self.method.new_bank is not None:
+            bank = self.method.new_bank(config, self.num_classes, self.device)
         self.ctx = StepContext(
             config=config,
             method=spec.method,
@@ -218,7 +216,7 @@ class Trainer:
             gather=lambda tensors: distributed.gather_rows(tensors, self.dist),
             world_size=self.dist.world_size,
         )
-        self.losses = method_losses(spec.method)
+        self.losses = self.method.losses
         self.step = 0
         self.elapsed = 0.0
         self.images_seen = 0
@@ -310,9 +308,7 @@ class Trainer:
         }
 
     def train_step(self) -> dict[str, torch.Tensor]:
-        from memseg_bench.methods import memseg
-        from memseg_bench.methods.ema import ema_alpha, ema_update
-        from memseg_bench.models.grouped_mlp import GroupedMLP
+        from .models.grouped_mlp import GroupedMLP
 
         train = self.config.train
         lr = poly_lr(train.lr * train.lr_multiplier, self.step, train.iterations, train.poly_power)
@@ -335,7 +331,7 @@ class Trainer:
             self.device.type, dtype=torch.bfloat16, enabled=train.amp == "bf16"
         )
         with autocast:
-            terms, extras = self.losses(self.ctx, labeled, unlabeled, self.step)
+            terms, student = self.losses(self.ctx, labeled, unlabeled, self.step)
         loss = sum(terms.values())
         with timer("backward"):
             self.optimizer.zero_grad(set_to_none=True)
@@ -346,26 +342,19 @@ class Trainer:
             self.optimizer.step()
             if self.dist.enabled:
                 distributed.broadcast_state(self.model, self.dist, buffers_only=True)
-            if self.teacher is not None:
-                selftrain = self.config.methods.selftrain
-                alpha = ema_alpha(
-                    self.step, train.iterations, selftrain.ema_final, selftrain.ema_to_one
-                )
-                ema_update(
-                    self.teacher, self.model, alpha, copy_buffers=selftrain.teacher_copy_buffers
-                )
-        bank_stats = {}
-        if self.ctx.bank is not None:
-            with timer("memory_update"), autocast:
-                bank_stats = memseg.update_bank(self.ctx, extras, self.step)
+            if self.method.update_teacher is not None:
+                self.method.update_teacher(self.ctx, self.step)
+        after_logs = {}
+        if self.method.after_step is not None:
+            with autocast:
+                after_logs = self.method.after_step(self.ctx, student, self.step)
         self.step += 1
         self.images_seen += labeled["image"].shape[0] * self.dist.world_size
         logs = {f"loss_{name}": value.detach() for name, value in terms.items()}
         logs["loss"] = loss.detach()
         logs["lr"] = torch.tensor(lr)
-        logs.update(extras.get("diagnostics", {}))
-        if bank_stats:
-            logs["filter_pass_rate"] = bank_stats["kept"].float() / bank_stats["valid"].clamp(min=1)
+        logs.update(student.diagnostics)
+        logs.update(after_logs)
         return logs
 
     # -- the loop ------------------------------------------------------------------------------
@@ -373,12 +362,11 @@ class Trainer:
     def log(self, logs: dict[str, torch.Tensor], rate: float) -> None:
         logs = distributed.mean_across_ranks(logs, self.dist)
         row = {"step": self.step, **{k: float(v) for k, v in logs.items()}}
-        if self.ctx.bank is not None:
-            counts = self.ctx.bank["count"].tolist()
-            row["bank_fill"] = sum(counts) / (len(counts) * self.ctx.bank["features"].shape[1])
-            self.curve.bank_rows.append(
-                {"step": self.step, **dict(zip(self.data.class_names, counts, strict=True))}
-            )
+        if self.method.curve_columns is not None:
+            columns, class_row = self.method.curve_columns(self.ctx, self.data.class_names)
+            row.update(columns)
+            if class_row is not None:
+                self.curve.bank_rows.append({"step": self.step, **class_row})
         row["images_per_s"] = rate
         row["time_s"] = self.elapsed
         self.curve.rows.append(row)
@@ -386,7 +374,7 @@ class Trainer:
             self.curve.write(self.curve_path, self.bank_curve_path)
 
     def validate(self) -> None:
-        from memseg_bench.evaluate import score_split
+        from .evaluate import score_split
 
         if self.dist.is_main:
             scores = score_split(

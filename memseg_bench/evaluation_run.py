@@ -10,6 +10,7 @@ from memseg_bench import torchfile
 from memseg_bench.config import Config, ModelConfig, config_from_dict
 from memseg_bench.errors import UserError
 from memseg_bench.fileio import read_json, write_json, write_text
+from memseg_bench.run_metrics import Compute, Protocol, RunMetrics
 from memseg_bench.runs import parse_run_name
 
 
@@ -96,26 +97,26 @@ def evaluate_run(run_dir: Path, metrics_dir: Path) -> dict:
     if summary.get("best_val") and (run_dir / "best.pt").is_file():
         best_scores = _score(run_dir / "best.pt", config, index, split, device)
         best = {**summary["best_val"], "miou": best_scores["miou"]}
-    result = {
-        "run": spec.name,
-        "method": spec.method,
-        "variant": spec.variant,
-        "split": f"{spec.split_family(config)}/{spec.n_labeled}",
-        "family": spec.family,
-        "n_labeled": spec.n_labeled,
-        "seed": spec.seed,
-        "behaviour": config.methods.behaviour,
-        "eval_split": split,
-        "protocol": protocol(config, spec.family),
-        "miou": scores["miou"],
-        "pixel_accuracy": scores["pixel_accuracy"],
-        "mean_accuracy": scores["mean_accuracy"],
-        "per_class_iou": scores["per_class_iou"],
-        "class_names": list(index.class_names),
-        "best_val": best,
-        "compute": summary["compute"],
-        "provenance": {**summary["provenance"], "checkpoint_hash": _sha256(model_file)},
-    }
+    result = RunMetrics(
+        run=spec.name,
+        method=spec.method,
+        variant=spec.variant,
+        split=f"{spec.split_family(config)}/{spec.n_labeled}",
+        family=spec.family,
+        n_labeled=spec.n_labeled,
+        seed=spec.seed,
+        behaviour=config.methods.behaviour,
+        eval_split=split,
+        protocol=Protocol(**protocol(config, spec.family)),
+        miou=scores["miou"],
+        pixel_accuracy=scores["pixel_accuracy"],
+        mean_accuracy=scores["mean_accuracy"],
+        per_class_iou=scores["per_class_iou"],
+        class_names=list(index.class_names),
+        best_val=best,
+        compute=Compute(**summary["compute"]),
+        provenance={**summary["provenance"], "checkpoint_hash": _sha256(model_file)},
+    ).to_dict()
     lines = ["class,iou"] + [
         f"{name},{'' if value is None else f'{value:.6f}'}"
         for name, value in scores["per_class_iou"].items()

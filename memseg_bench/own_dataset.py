@@ -40,6 +40,8 @@ stages:
           - data
           - split
           - sweep
+      # The protocol's values, so that `dvc params diff` and `dvc exp show` list them.
+      - memseg_bench/presets/@PRESET@.yaml:
     outs:
       - data/@NAME@.prepared.json
 
@@ -75,6 +77,7 @@ stages:
           - train
           - methods
           - evaluate
+      - memseg_bench/presets/@PRESET@.yaml:
     outs:
       - runs_@NAME@/${item.method}-n${item.n}-s${item.seed}
       - reports/@NAME@/curves/${item.method}-n${item.n}-s${item.seed}.csv:

@@ -15,23 +15,16 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pandas as pd
+
 from memseg_bench.errors import UserError
 from memseg_bench.fileio import read_json, write_text
 from memseg_bench.reported import reported_for
+from memseg_bench.run_metrics import check_metrics
 
 DEFAULT_ORDER = ("supervised", "selftrain", "memseg")
 TABLE_KINDS = ("main", "ablation", "per_class", "last_vs_best", "compute")
 _STALE = re.compile(r"^(" + "|".join(TABLE_KINDS) + r")(_.+)?\.(md|csv|tex)$")
-
-_KEYS = {
-    "": ("run", "method", "variant", "split", "family", "n_labeled", "seed", "behaviour",
-         "eval_split", "protocol", "miou", "pixel_accuracy", "mean_accuracy", "per_class_iou",
-         "class_names", "best_val", "compute", "provenance"),
-    "protocol": ("id", "dataset", "family", "arch", "backbone", "crop", "eval_mode",
-                 "iterations"),
-    "compute": ("wall_time_s", "images_per_s", "peak_memory_mb", "memory_kind", "device",
-                "torch"),
-}  # fmt: skip
 
 
 class ProtocolMixError(ValueError):
@@ -39,43 +32,6 @@ class ProtocolMixError(ValueError):
 
 
 # -- loading -------------------------------------------------------------------------------------
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _check(path: Path, data: object) -> dict:
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: expected a JSON object")
-    for section, keys in _KEYS.items():
-        block = data if not section else data.get(section)
-        if not isinstance(block, dict):
-            raise UserError(f"{path}: '{section}' must be an object")
-        for key in keys:
-            if key not in block:
-                raise UserError(f"{path}: missing key '{section + '.' if section else ''}{key}'")
-    problems = {
-        "miou": not (_is_number(data["miou"]) and 0 <= data["miou"] <= 1),
-        "n_labeled": not isinstance(data["n_labeled"], int) or isinstance(data["n_labeled"], bool),
-        "seed": not isinstance(data["seed"], int) or isinstance(data["seed"], bool),
-        "variant": data["variant"] is not None and not isinstance(data["variant"], str),
-        "per_class_iou": not isinstance(data["per_class_iou"], dict)
-        or not all(v is None or _is_number(v) for v in data["per_class_iou"].values()),
-        "behaviour": not isinstance(data["behaviour"], str),
-        "class_names": not isinstance(data["class_names"], list),
-        "best_val": data["best_val"] is not None
-        and not (isinstance(data["best_val"], dict) and _is_number(data["best_val"].get("miou"))),
-        "protocol.id": not isinstance(data["protocol"]["id"], str),
-        **{
-            f"compute.{key}": not _is_number(data["compute"][key])
-            for key in ("wall_time_s", "images_per_s", "peak_memory_mb")
-        },
-    }
-    for key, bad in problems.items():
-        if bad:
-            raise UserError(f"{path}: key '{key}' has an invalid value")
-    return {**data, "_file": str(path)}
 
 
 def load_metrics(metrics_dir: str | Path) -> list[dict]:
@@ -86,7 +42,7 @@ def load_metrics(metrics_dir: str | Path) -> list[dict]:
     paths = sorted(metrics_dir.glob("*.json"))
     if not paths:
         raise UserError(f"metrics folder {metrics_dir} holds no metrics JSON files")
-    records = [_check(path, read_json(path)) for path in paths]
+    records = [{**check_metrics(path, read_json(path)), "_file": str(path)} for path in paths]
     seen: dict[tuple, str] = {}
     for record in records:
         key = (record["protocol"]["id"], record["run"])
@@ -126,7 +82,7 @@ def protocol_slug(pid: str) -> str:
     return re.sub(r"[^A-Za-z0-9.+-]+", "_", pid).strip("_")
 
 
-# -- writers: Markdown, CSV, LaTeX booktabs ------------------------------------------------------
+# -- writers: Markdown, CSV, LaTeX booktabs, all through pandas ----------------------------------
 
 
 @dataclass
@@ -148,30 +104,33 @@ def _right_aligned(table: Table) -> list[bool]:
     return [False] + [all(numeric(row[i]) for row in rows) for i in range(1, len(table.header))]
 
 
-def to_markdown(table: Table) -> str:
-    def line(cells: Sequence[str]) -> str:
-        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+def to_frame(table: Table) -> pd.DataFrame:
+    """One row per table row; the `section` column names its block ("measured" when untitled)."""
+    rows = [[title or "measured", *row] for title, block in table.blocks for row in block]
+    return pd.DataFrame(rows, columns=["section", *table.header], dtype=object)
 
-    rule = ["---:" if right else "---" for right in _right_aligned(table)]
-    out = [f"### {table.title}", "", line(table.header), "|" + "|".join(rule) + "|"]
-    width = len(table.header)
-    for title, rows in table.blocks:
+
+def _display_frame(table: Table, title_cell) -> pd.DataFrame:
+    """The table as printed: a titled block starts with a row holding its title."""
+    rows = []
+    for title, block in table.blocks:
         if title:
-            out.append(line([f"*{title}*"] + [""] * (width - 1)))
-        out += [line(row) for row in rows]
-    return "\n".join(out + [""] + table.notes) + "\n"
+            rows.append([title_cell(title)] + [""] * (len(table.header) - 1))
+        rows += block
+    return pd.DataFrame(rows, columns=table.header, dtype=object)
+
+
+def to_markdown(table: Table) -> str:
+    frame = _display_frame(table, lambda title: f"*{title}*")
+    frame = frame.map(lambda cell: cell.replace("|", "\\|"))
+    frame.columns = [c.replace("|", "\\|") for c in frame.columns]
+    align = ["right" if right else "left" for right in _right_aligned(table)]
+    body = frame.to_markdown(index=False, colalign=align, disable_numparse=True)
+    return "\n".join([f"### {table.title}", "", body, "", *table.notes]) + "\n"
 
 
 def to_csv(table: Table) -> str:
-    import csv
-    import io
-
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["section", *table.header])
-    for title, rows in table.blocks:
-        writer.writerows([title or "measured", *row] for row in rows)
-    return buffer.getvalue()
+    return to_frame(table).to_csv(index=False, lineterminator="\n")
 
 
 _TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
@@ -185,22 +144,26 @@ def tex_escape(text: str) -> str:
 
 
 def to_latex(table: Table) -> str:
+    """booktabs through pandas' Styler; a block title spans the row, a rule opens each block."""
     width = len(table.header)
-    out = [
-        r"\begin{table}[t]",
-        r"\centering",
-        r"\caption{" + tex_escape(table.title + ". " + " ".join(table.notes)) + "}",
-        r"\begin{tabular}{" + "".join("r" if r else "l" for r in _right_aligned(table)) + "}",
-        r"\toprule",
-        " & ".join(tex_escape(c) for c in table.header) + r" \\",
-    ]
-    for title, rows in table.blocks:
-        out.append(r"\midrule")
-        if title:
-            out.append(rf"\multicolumn{{{width}}}{{l}}{{\emph{{{tex_escape(title)}}}}} \\")
-        out += [" & ".join(tex_escape(c) for c in row) + r" \\" for row in rows]
-    out += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
-    return "\n".join(out) + "\n"
+    span = r"\multicolumn{" + str(width) + r"}{l}{\emph{"
+    frame = _display_frame(table, lambda title: span + tex_escape(title) + "}}")
+    frame = frame.map(lambda cell: cell if cell.startswith(span) else tex_escape(cell))
+    frame.columns = [tex_escape(c) for c in frame.columns]
+    latex = frame.style.hide(axis="index").to_latex(
+        column_format="".join("r" if r else "l" for r in _right_aligned(table)),
+        position="t",
+        position_float="centering",
+        hrules=True,
+        caption=tex_escape(table.title + ". " + " ".join(table.notes)),
+    )
+    lines = []
+    for line in latex.splitlines():
+        if line.startswith(span):  # the title cell alone, after a rule between blocks
+            lines += [r"\midrule", line.split(" & ")[0] + r" \\"]
+        else:
+            lines.append(line)
+    return "\n".join(lines) + "\n"
 
 
 def write_table(table: Table, stem: Path) -> list[str]:

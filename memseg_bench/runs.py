@@ -33,12 +33,14 @@ class RunSpec:
 def make_spec(
     method: str, family: str, n_labeled: int, seed: int, variant: str | None = None
 ) -> RunSpec:
-    from memseg_bench.methods import ABLATIONS, METHODS
+    from memseg_bench.methods import METHODS
 
     if method not in METHODS:
         raise UserError(f"--method must be one of {sorted(METHODS)}, got {method!r}")
-    if variant is not None and (method != "memseg" or variant not in ABLATIONS):
-        raise UserError(f"--variant must be one of {sorted(ABLATIONS)} with --method memseg")
+    ablations = METHODS[method].ablations
+    if variant is not None and variant not in ablations:
+        with_variants = {name: sorted(m.ablations) for name, m in METHODS.items() if m.ablations}
+        raise UserError(f"--variant must be one of {with_variants} for --method {method}")
     if n_labeled <= 0:
         raise UserError(f"--n-labeled must be positive, got {n_labeled}")
     if not family or "-" in family or "/" in family:
@@ -56,15 +58,17 @@ def parse_run_name(name: str, family: str) -> RunSpec:
 
 
 def config_for_run(config, spec: RunSpec):
-    """The run's configuration: an ablation variant switches its memseg components off."""
+    """The run's configuration: an ablation variant overrides values of its method's section."""
     import dataclasses
 
-    from memseg_bench.methods import ABLATIONS
+    from memseg_bench.methods import METHODS
 
     if spec.variant is None:
         return config
-    memseg = dataclasses.replace(config.methods.memseg, **ABLATIONS[spec.variant])
-    methods = dataclasses.replace(config.methods, memseg=memseg)
+    method = METHODS[spec.method]
+    section = getattr(config.methods, method.section)
+    changed = dataclasses.replace(section, **method.ablations[spec.variant])
+    methods = dataclasses.replace(config.methods, **{method.section: changed})
     return dataclasses.replace(config, methods=methods)
 
 

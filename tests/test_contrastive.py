@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from memseg_bench.methods.contrastive import contrastive_loss, pixel_weights
+from memseg_bench.methods.contrastive import contrastive_loss
 from memseg_bench.methods.contrastive_pairwise import contrastive_loss_pairwise
 
 C, N, D = 5, 6, 8
@@ -132,18 +132,6 @@ def test_divides_by_num_classes_not_classes_present():
     torch.testing.assert_close(ten * 2, five)
 
 
-def test_pixel_weights_have_mean_one_per_class():
-    gen = torch.Generator().manual_seed(0)
-    classes = torch.randint(0, 4, (200,), generator=gen)
-    scores = torch.rand(200, generator=gen) + 0.1
-    weights = pixel_weights(scores, classes, 4)
-    for c in range(4):
-        keep = classes == c
-        torch.testing.assert_close(weights[keep].mean(), torch.tensor(1.0))
-        ratio = weights[keep] / scores[keep]
-        torch.testing.assert_close(ratio, ratio[0].expand_as(ratio))
-
-
 def test_float32_close_to_float64():
     features, classes, memory, count, f_scores, m_scores = make_inputs(4, True)
     exact = contrastive_loss(features, classes, memory, count, f_scores, m_scores, C)
@@ -199,17 +187,13 @@ def test_centroid_cosine_gradcheck():
     )
 
 
-def test_loss_benchmark_variants_agree(monkeypatch):
-    from memseg_bench.bench_loss import VARIANTS, run_variant
-    from memseg_bench.models import grouped_mlp
+def test_loss_benchmark_variants_agree():
+    from memseg_bench.bench.loss import VARIANTS, run_variant
 
-    # term_other_form switches the selectors' form for its (normally separate) process
-    monkeypatch.setattr(grouped_mlp, "SPLIT_DEVICES", grouped_mlp.SPLIT_DEVICES)
     rows = {
-        v: run_variant(v, "tiny", threads=1, repeats=1, dtype_name="float64", device="cpu")
+        v: run_variant(v, "embedded", threads=1, repeats=1, dtype_name="float64", device="cpu")
         for v in VARIANTS
     }
-    assert grouped_mlp.SPLIT_DEVICES == ()  # the other form did run
     assert rows["term_other_form"]["loss_value"] == pytest.approx(
         rows["term_ours"]["loss_value"], rel=1e-9
     )
@@ -225,7 +209,7 @@ def test_loss_benchmark_variants_agree(monkeypatch):
 
 
 def test_peak_memory_sees_a_new_allocation():
-    from memseg_bench.bench_loss import PeakMemory
+    from memseg_bench.bench.loss import PeakMemory
 
     peak = PeakMemory("cpu")
     peak.start()

@@ -16,10 +16,11 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from memseg_bench.bench_train import RandomBatches, bench_config
-from memseg_bench.config import config_from_dict
+from memseg_bench.config import config_from_dict, deep_merge
+from memseg_bench.data.random_batches import RandomBatches
 from memseg_bench.engine import TrainData, Trainer
 from memseg_bench.runs import make_spec
+from tests.trainers import FROM_THE_FIRST_STEP
 
 NUM_CLASSES = 4
 CROP = 32
@@ -35,24 +36,21 @@ NO_AUGMENT = {
 
 
 def _config():
-    config = config_from_dict(
-        {
-            "preset": "embedded",
-            "train": {
-                "crop": CROP,
-                "batch_labeled": 2,
-                "batch_unlabeled": 2,
-                "iterations": 50,
-                # Adam's per-weight normalisation turns float-order noise in near-zero gradients
-                # into whole steps; SGD keeps the one-process / two-rank comparison meaningful.
-                "optimizer": "sgd",
-                "lr": 0.02,
-                "freeze_bn": True,
-                "augment": {"labeled": NO_AUGMENT, "unlabeled": NO_AUGMENT},
-            },
-        }
-    )
-    return bench_config(config)
+    values = {
+        "preset": "embedded",
+        "train": {
+            "crop": CROP,
+            "batch_labeled": 2,
+            "batch_unlabeled": 2,
+            # Adam's per-weight normalisation turns float-order noise in near-zero gradients
+            # into whole steps; SGD keeps the one-process / two-rank comparison meaningful.
+            "optimizer": "sgd",
+            "lr": 0.02,
+            "freeze_bn": True,
+            "augment": {"labeled": NO_AUGMENT, "unlabeled": NO_AUGMENT},
+        },
+    }
+    return config_from_dict(deep_merge(values, FROM_THE_FIRST_STEP))
 
 
 def _without_dropout(trainer):

@@ -5,36 +5,7 @@ import dataclasses
 import pytest
 import torch
 
-from memseg_bench.bench_train import RandomBatches, bench_config
-from memseg_bench.config import config_from_dict
-from memseg_bench.engine import TrainData, Trainer
-from memseg_bench.runs import make_spec
-
-NUM_CLASSES = 4
-
-
-def tiny_config(behaviour: str = "paper"):
-    config = config_from_dict(
-        {
-            "preset": "embedded",
-            "train": {"crop": 32, "batch_labeled": 2, "batch_unlabeled": 2, "iterations": 10},
-            "methods": {"behaviour": behaviour},
-        }
-    )
-    return bench_config(config)
-
-
-def make_trainer(method: str, config, tmp_path) -> Trainer:
-    data = TrainData(
-        class_names=[f"c{i}" for i in range(NUM_CLASSES)],
-        palette=[[i, i, i] for i in range(NUM_CLASSES)],
-        n_labeled=20,
-        split_hash=None,
-        labeled=RandomBatches(2, 32, NUM_CLASSES, 0),
-        unlabeled=RandomBatches(2, 32, NUM_CLASSES, 1),
-    )
-    spec = make_spec(method, "test", 20, 0)
-    return Trainer(config, spec, tmp_path, tmp_path, data=data)
+from tests.trainers import make_trainer, tiny_config
 
 
 def snapshot(module):

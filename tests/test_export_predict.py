@@ -234,7 +234,7 @@ def test_predict_does_not_import_torch(exported, tmp_path):
 
 
 def test_bench_infer_small(tmp_path, exported, monkeypatch):
-    from memseg_bench.bench_infer import bench_infer
+    from memseg_bench.bench.infer import bench_infer
 
     reuse_export(monkeypatch, exported)
     result = bench_infer(

@@ -5,14 +5,22 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from memseg_bench.models import grouped_mlp
 from memseg_bench.models.grouped_mlp import ACTIVATIONS, GroupedMLP, grouped_linear
 
 
-@pytest.fixture(autouse=True, params=["segmented", "split"])
-def form(request, monkeypatch):
-    monkeypatch.setattr(grouped_mlp, "SPLIT_DEVICES", ("cpu",) if request.param == "split" else ())
-    return request.param
+@pytest.fixture(params=["segmented", "split"])
+def random_mlp(request):
+    """A maker of GroupedMLPs in one form; each test that takes it runs in both forms."""
+
+    def make(groups, dim=12, out=3, activation="leaky_relu", seed=0):
+        torch.manual_seed(seed)
+        mlp = GroupedMLP(groups, dim, dim, out, activation, form=request.param).double()
+        with torch.no_grad():  # non-trivial running statistics for the single-row path
+            mlp.running_mean.uniform_(-1, 1)
+            mlp.running_var.uniform_(0.5, 2)
+        return mlp
+
+    return make
 
 
 def reference(mlp: GroupedMLP, x: torch.Tensor, groups: torch.Tensor):
@@ -41,18 +49,9 @@ def reference(mlp: GroupedMLP, x: torch.Tensor, groups: torch.Tensor):
     return out, running_mean, running_var
 
 
-def random_mlp(groups, dim=12, out=3, activation="leaky_relu", seed=0):
-    torch.manual_seed(seed)
-    mlp = GroupedMLP(groups, dim, dim, out, activation).double()
-    with torch.no_grad():  # non-trivial running statistics for the single-row path
-        mlp.running_mean.uniform_(-1, 1)
-        mlp.running_var.uniform_(0.5, 2)
-    return mlp
-
-
 @pytest.mark.parametrize("groups", [1, 3, 7])
 @pytest.mark.parametrize("training", [True, False])
-def test_matches_a_loop_over_groups(groups, training):
+def test_matches_a_loop_over_groups(groups, training, random_mlp):
     mlp = random_mlp(groups).train(training)
     twin = random_mlp(groups).train(training)
     gen = torch.Generator().manual_seed(groups)
@@ -82,7 +81,7 @@ def test_matches_a_loop_over_groups(groups, training):
         )
 
 
-def test_left_out_rows_change_nothing():
+def test_left_out_rows_change_nothing(random_mlp):
     mlp = random_mlp(4).train()
     x = torch.randn(20, 12, dtype=torch.float64)
     ids = torch.arange(20) % 5  # id 4 is left out
@@ -93,7 +92,7 @@ def test_left_out_rows_change_nothing():
     torch.testing.assert_close(again[ids < 4], first[ids < 4])
 
 
-def test_group_statistics_are_per_group_and_absent_groups_untouched():
+def test_group_statistics_are_per_group_and_absent_groups_untouched(random_mlp):
     mlp = random_mlp(3).train()
     before = mlp.running_mean.clone(), mlp.num_batches_tracked.clone()
     x = torch.randn(10, 12, dtype=torch.float64)
@@ -124,7 +123,7 @@ def test_grouped_linear_any_group_sizes(sizes):
     assert (out[tag == groups] == 0).all()
 
 
-def test_forward_blocks_equals_forward_on_the_flattened_rows():
+def test_forward_blocks_equals_forward_on_the_flattened_rows(random_mlp):
     mlp = random_mlp(3).train()
     twin = random_mlp(3).train()
     x = torch.randn(3, 6, 12, dtype=torch.float64)

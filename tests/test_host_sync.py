@@ -18,8 +18,8 @@ from torch._subclasses.fake_tensor import (
     FakeTensorMode,
 )
 
-from memseg_bench.models import grouped_mlp
-from tests.test_engine_steps import make_trainer, tiny_config
+from memseg_bench.models.grouped_mlp import set_form
+from tests.trainers import make_trainer, tiny_config
 
 
 def _with(config, selftrain=None, memseg=None, train=None):
@@ -50,11 +50,13 @@ VARIANTS = {
 
 @pytest.mark.parametrize("behaviour", ["paper", "official"])
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_training_step_reads_nothing_from_the_device(variant, behaviour, tmp_path, monkeypatch):
-    # The CPU reads group sizes on purpose (free there); GPUs take the segmented form checked here.
-    monkeypatch.setattr(grouped_mlp, "SPLIT_DEVICES", ())
+def test_training_step_reads_nothing_from_the_device(variant, behaviour, tmp_path):
     method, changes = VARIANTS[variant]
     trainer = make_trainer(method, _with(tiny_config(behaviour), **changes), tmp_path)
+    # The CPU reads group sizes on purpose (free there); GPUs take the segmented form checked here.
+    for module in (trainer.model, trainer.teacher):
+        if module is not None:
+            set_form(module, "segmented")
     trainer.train_step()  # a real step first: the bank holds rows
     with FakeTensorMode(allow_non_fake_inputs=True):
         logs = trainer.train_step()

@@ -43,6 +43,10 @@ def test_every_params_section_and_interpolated_key_exists():
     for name, stage in _stages().items():
         body = stage.get("do", stage)
         for section in body.get("params", []):
+            if isinstance(section, dict):  # a params file of its own: the protocol's preset
+                (file,) = section
+                assert file == "memseg_bench/presets/${preset}.yaml", (name, file)
+                continue
             assert section in sections, f"stage {name}: unknown params section {section}"
     for reference in set(re.findall(r"\$\{([a-z_.]+)\}", text)):
         if reference.startswith("item"):
@@ -66,3 +70,11 @@ def test_ci_runs_the_readme_commands_as_written():
     assert setup in ci_lines
     assert tests in ci_lines
     assert ci_lines.index(setup) < ci_lines.index(tests)
+
+
+def test_the_protocol_values_are_params_of_the_prepare_and_train_stages():
+    """`dvc params diff` and `dvc exp show` list the preset's values: its file is a params file."""
+    stages = _stages()
+    for name in ("prepare", "train", "train_full", "train_ablation"):
+        body = stages[name].get("do", stages[name])
+        assert {"memseg_bench/presets/${preset}.yaml": None} in body["params"], name

@@ -1,5 +1,6 @@
 import json
 import math
+import re
 
 import pytest
 
@@ -18,6 +19,11 @@ from memseg_bench.report import (
 CLASSES = ["background", "disc", "square"]
 SYNTH = {"dataset": "synthetic", "arch": "deeplabv3plus", "backbone": "resnet18"}
 CITY = {"dataset": "cityscapes", "arch": "deeplabv2", "backbone": "resnet101"}
+
+
+def squeezed(path) -> str:
+    """A Markdown table file with the column padding taken out: one space around each cell."""
+    return re.sub(r" {2,}", " ", path.read_text())
 
 
 def record(method, n, seed, miou, variant=None, protocol=SYNTH, best=None, wall=60.0):
@@ -88,7 +94,7 @@ def test_gain_interval_with_three_pairs_and_against_selftrain(tmp_path):
     assert over_sup["interval95"] == pytest.approx([9.6667 - half, 9.6667 + half], abs=1e-3)
     over_self = gains["memseg − selftrain"][20]
     assert over_self["differences"] == pytest.approx([2.0, 1.0, 3.0])
-    text = (tmp_path / "tables" / "main.md").read_text()
+    text = squeezed(tmp_path / "tables" / "main.md")
     assert "| memseg − selftrain | +2.0 [-0.5, +4.5] (n=3) |" in text
     assert "| selftrain − supervised |" in text and "selftrain − selftrain" not in text
 
@@ -112,7 +118,7 @@ def test_mean_std_n_against_hand_computed_values(tmp_path):
     assert gain["value"] == pytest.approx(11.5)
     half = 12.706 * math.sqrt(4.5) / math.sqrt(2)  # t(0.975, 1 dof) * sd / sqrt(n)
     assert gain["interval95"] == pytest.approx([11.5 - half, 11.5 + half], abs=1e-3)
-    text = (tmp_path / "tables" / "main.md").read_text()
+    text = squeezed(tmp_path / "tables" / "main.md")
     assert "43.3 ± 3.5 (n=3)" in text
     assert "53.0 ± 4.2 (n=2)" in text
     assert "81.0 (n=1)" in text and "81.0 ±" not in text
@@ -132,11 +138,11 @@ def test_two_protocols_land_in_separate_tables(tmp_path):
     synth_pid = next(p for p in summary["protocols"] if p.startswith("synthetic"))
     city_pid = next(p for p in summary["protocols"] if p.startswith("cityscapes"))
     assert summary["default_protocol"] == synth_pid
-    synth = (tmp_path / "tables" / f"main_{protocol_slug(synth_pid)}.md").read_text()
-    city_text = (tmp_path / "tables" / f"main_{protocol_slug(city_pid)}.md").read_text()
+    synth = squeezed(tmp_path / "tables" / f"main_{protocol_slug(synth_pid)}.md")
+    city_text = squeezed(tmp_path / "tables" / f"main_{protocol_slug(city_pid)}.md")
     assert "62.0 ± 1.4 (n=2)" in city_text and "62.0" not in synth
     assert "43.3" in synth and "43.3" not in city_text
-    assert (tmp_path / "tables" / "main.md").read_text() == synth
+    assert squeezed(tmp_path / "tables" / "main.md") == synth
     mixed = load_metrics(metrics)
     with pytest.raises(ProtocolMixError):
         main_table(mixed)
@@ -144,7 +150,7 @@ def test_two_protocols_land_in_separate_tables(tmp_path):
     # the configured protocol is the main table even with fewer runs; an unknown id falls back
     chosen = build_report(metrics, tmp_path / "chosen", default_protocol=city_pid)
     assert chosen["default_protocol"] == city_pid
-    assert (tmp_path / "chosen" / "main.md").read_text() == city_text
+    assert squeezed(tmp_path / "chosen" / "main.md") == city_text
     fallback = build_report(metrics, tmp_path / "fallback", default_protocol="no/such/protocol")
     assert fallback["default_protocol"] == synth_pid
 
@@ -152,13 +158,13 @@ def test_two_protocols_land_in_separate_tables(tmp_path):
 def test_editing_one_metrics_value_changes_the_table(tmp_path):
     metrics = write(tmp_path / "metrics", synthetic_runs())
     build_report(metrics, tmp_path / "tables")
-    assert "81.0 (n=1)" in (tmp_path / "tables" / "main.md").read_text()
+    assert "81.0 (n=1)" in squeezed(tmp_path / "tables" / "main.md")
     path = metrics / "supervised-n400-s0.json"
     data = json.loads(path.read_text())
     data["miou"] = 0.777
     path.write_text(json.dumps(data))
     build_report(metrics, tmp_path / "tables")
-    text = (tmp_path / "tables" / "main.md").read_text()
+    text = squeezed(tmp_path / "tables" / "main.md")
     assert "77.7 (n=1)" in text and "81.0" not in text
 
 
@@ -186,21 +192,21 @@ def test_reported_row_only_when_protocol_matches(tmp_path):
     metrics = write(tmp_path / "m1", synthetic_runs() + city)
     summary = build_report(metrics, tmp_path / "t1")
     city_pid = next(p for p in summary["protocols"] if p.startswith("cityscapes"))
-    city_text = (tmp_path / "t1" / f"main_{protocol_slug(city_pid)}.md").read_text()
+    city_text = squeezed(tmp_path / "t1" / f"main_{protocol_slug(city_pid)}.md")
     assert "reported in the paper" in city_text
     assert "59.4" in city_text and "54.07" in city_text
     assert "64.4" not in city_text  # 372 labels: no measured column, no quoted cell
-    assert "reported" not in (tmp_path / "t1" / "main.md").read_text()
+    assert "reported" not in squeezed(tmp_path / "t1" / "main.md")
     quoted = summary["protocols"][city_pid]["tables"]["main"]["reported"]
     assert {(q["method"], q["miou"]) for q in quoted} == {("memseg", 59.4), ("classmix", 54.07)}
     # same dataset and backbone, other architecture: no quoted row
     wrong_arch = [record("memseg", 100, 0, 0.61, protocol=other)]
     summary = build_report(write(tmp_path / "m2", wrong_arch), tmp_path / "t2")
-    assert "reported" not in (tmp_path / "t2" / "main.md").read_text()
+    assert "reported" not in squeezed(tmp_path / "t2" / "main.md")
     # matching protocol but a label count the paper did not report: no quoted row
     wrong_n = [record("memseg", 20, 0, 0.61, protocol=CITY)]
     build_report(write(tmp_path / "m3", wrong_n), tmp_path / "t3")
-    assert "reported" not in (tmp_path / "t3" / "main.md").read_text()
+    assert "reported" not in squeezed(tmp_path / "t3" / "main.md")
 
 
 def test_ablation_last_vs_best_per_class_and_compute(tmp_path):
@@ -226,7 +232,7 @@ def test_ablation_last_vs_best_per_class_and_compute(tmp_path):
     for kind in ("main", "ablation", "per_class", "last_vs_best", "compute"):
         for ext in ("md", "csv", "tex"):
             assert (tmp_path / "tables" / f"{kind}_{slug}.{ext}").is_file()
-    assert "best on val †" in (tmp_path / "tables" / f"last_vs_best_{slug}.md").read_text()
+    assert "best on val †" in squeezed(tmp_path / "tables" / f"last_vs_best_{slug}.md")
     json.dumps(summary)
 
 

@@ -9,7 +9,6 @@ from memseg_bench.data.splits import (
     build_registry,
     draw_split,
     load_split,
-    parse_split_selector,
     read_ids,
     read_manifest,
     split_hash,
@@ -42,14 +41,6 @@ def test_draw_split_is_seeded_nested_and_complete():
     assert draw_split(IDS, 10, seed=0)[0][:5] == labeled
     with pytest.raises(UserError, match="outside"):
         draw_split(IDS, 31, seed=0)
-
-
-def test_selector():
-    assert parse_split_selector("random/20") == ("random", 20)
-    assert parse_split_selector("alonso_0/212") == ("alonso_0", 212)
-    for bad in ("random", "random/x", "random/0", "/20", "a/b/3"):
-        with pytest.raises(UserError, match="FAMILY/N_LABELED"):
-            parse_split_selector(bad)
 
 
 def test_write_load_and_tamper(tmp_path):

@@ -39,16 +39,6 @@ def read_ids(path: Path) -> list[str]:
         raise UserError(f"split file not found: {path}") from None
 
 
-def parse_split_selector(selector: str) -> tuple[str, int]:
-    """'random/20' -> ('random', 20)."""
-    family, slash, count = selector.partition("/")
-    if not slash or not _FAMILY.match(family) or not count.isdigit() or int(count) <= 0:
-        raise UserError(
-            f"split {selector!r} must be FAMILY/N_LABELED, e.g. 'random/20' or 'alonso_0/212'"
-        )
-    return family, int(count)
-
-
 def draw_split(train_ids: Sequence[str], n_labeled: int, seed: int) -> tuple[list[str], list[str]]:
     """Labeled = the first n of a seeded permutation of the sorted ids (in that order); unlabeled
     = the sorted rest. The same seed gives nested labeled sets for growing n."""

@@ -35,6 +35,19 @@ class StepContext:
         return is_official(self.config)
 
 
+@dataclass(frozen=True)
+class StudentPass:
+    """What one step's student forward leaves for the method's after-step hook and the logs."""
+
+    labeled_images: torch.Tensor  # the augmented labeled batch the student saw
+    labeled_labels: torch.Tensor
+    labeled_features: torch.Tensor | None = None
+    view_features: torch.Tensor | None = None  # the strong views of the unlabeled batch
+    view_labels: torch.Tensor | None = None
+    # Logged scalars that are no loss term (e.g. pseudo-label accuracy).
+    diagnostics: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
 def labels_at(labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Nearest-neighbour resize of (B, H, W) class labels to `size`."""
     if tuple(labels.shape[-2:]) == tuple(size):

@@ -59,15 +59,6 @@ class CentroidCosine(torch.autograd.Function):
         return grad_features, grad_centroid, None
 
 
-def pixel_weights(scores: torch.Tensor, classes: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """w_f = |F_c| s_f / sum_{F_c} s: per-pixel weights of mean 1 within every class."""
-    index, inside = class_index(classes, num_classes)
-    scores = torch.where(inside, scores, torch.zeros_like(scores))
-    totals = scores.new_zeros(num_classes).index_add(0, index, scores)
-    sizes = scores.new_zeros(num_classes).index_add(0, index, inside.to(scores.dtype))
-    return sizes[index] * scores / totals[index].clamp_min(torch.finfo(scores.dtype).tiny)
-
-
 def memory_centroids(
     memory: torch.Tensor, memory_count: torch.Tensor, memory_scores: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,5 +1,6 @@
 """The full method: self-training plus the class-wise memory bank and the weighted pixel
-contrastive loss on labeled (ground truth) and unlabeled (pseudo-label) pixels."""
+contrastive loss on labeled (ground truth) and unlabeled (pseudo-label) pixels. It builds on
+selftrain and so also reads `methods.selftrain`."""
 
 from __future__ import annotations
 
@@ -7,15 +8,23 @@ import torch
 from torch.nn import functional as F
 
 from memseg_bench.methods import selftrain
-from memseg_bench.methods.context import StepContext, flatten_pixels, labels_at, teacher_forward
+from memseg_bench.methods.context import (
+    StepContext,
+    StudentPass,
+    flatten_pixels,
+    labels_at,
+    teacher_forward,
+)
 from memseg_bench.methods.contrastive import contrastive_loss
 from memseg_bench.methods.memory_bank import (
     best_per_class,
     insert,
     k_per_class,
+    new_bank,
     quality_mask,
     random_keys,
 )
+from memseg_bench.methods.method import Method
 from memseg_bench.models.heads import only
 
 
@@ -61,21 +70,21 @@ def pixel_term(ctx: StepContext, features: torch.Tensor, labels: torch.Tensor, m
 
 def losses(ctx: StepContext, labeled: dict, unlabeled: dict | None, step: int):
     assert unlabeled is not None
-    terms, extras = selftrain.forward(ctx, labeled, unlabeled, step)
+    terms, student = selftrain.forward(ctx, labeled, unlabeled, step)
     settings = ctx.config.methods.memseg
     if step < settings.contrastive_start:
-        return terms, extras
+        return terms, student
     with ctx.timer("contrastive"):
         mem_scores = memory_scores(ctx)
         if settings.weight_labeled > 0:
             terms["contr_lab"] = settings.weight_labeled * pixel_term(
-                ctx, extras["labeled_features"], extras["labeled_labels"], mem_scores
+                ctx, student.labeled_features, student.labeled_labels, mem_scores
             )
         if settings.weight_unlabeled > 0:
             terms["contr_unlab"] = settings.weight_unlabeled * pixel_term(
-                ctx, extras["view_features"], extras["view_labels"], mem_scores
+                ctx, student.view_features, student.view_labels, mem_scores
             )
-    return terms, extras
+    return terms, student
 
 
 @torch.no_grad()
@@ -105,7 +114,7 @@ def bank_candidates(ctx: StepContext, images: torch.Tensor, labels: torch.Tensor
     return projected, classes, keys, stats
 
 
-def update_bank(ctx: StepContext, extras: dict, step: int) -> dict:
+def update_bank(ctx: StepContext, student: StudentPass, step: int) -> dict:
     """Insert the best new labeled features of every class, newest first. Returns diagnostics.
 
     Each rank keeps its k best candidates per class (a fixed C x k rows), the ranks gather them in
@@ -113,8 +122,8 @@ def update_bank(ctx: StepContext, extras: dict, step: int) -> dict:
     settings = ctx.config.methods.memseg
     if step < settings.memory_start:
         return {}
-    images = extras["labeled_images"]
-    projected, classes, keys, stats = bank_candidates(ctx, images, extras["labeled_labels"])
+    images = student.labeled_images
+    projected, classes, keys, stats = bank_candidates(ctx, images, student.labeled_labels)
     global_batch = images.shape[0] * ctx.world_size
     k = k_per_class(
         ctx.n_labeled, settings.memory_size, ctx.num_classes, global_batch, settings.k_rule
@@ -124,3 +133,43 @@ def update_bank(ctx: StepContext, extras: dict, step: int) -> dict:
     projected, classes, keys = ctx.gather(list(best))
     ctx.bank = insert(ctx.bank, projected.to(ctx.bank["features"].dtype), classes, keys, k, order)
     return stats
+
+
+def after_step(ctx: StepContext, student: StudentPass, step: int) -> dict:
+    """The bank update after the optimiser and EMA steps; logs the quality filter's pass rate."""
+    with ctx.timer("memory_update"):
+        stats = update_bank(ctx, student, step)
+    if not stats:
+        return {}
+    return {"filter_pass_rate": stats["kept"].float() / stats["valid"].clamp(min=1)}
+
+
+def curve_columns(ctx: StepContext, class_names: list[str]) -> tuple[dict, dict]:
+    """The bank's fill over all slots, and its row count per class (the .bank.csv curve)."""
+    counts = ctx.bank["count"].tolist()
+    fill = sum(counts) / (len(counts) * ctx.bank["features"].shape[1])
+    return {"bank_fill": fill}, dict(zip(class_names, counts, strict=True))
+
+
+def make_bank(config, num_classes: int, device) -> dict:
+    return new_bank(
+        num_classes, config.methods.memseg.memory_size, config.model.feature_dim, device
+    )
+
+
+METHOD = Method(
+    losses=losses,
+    needs_teacher=True,
+    new_bank=make_bank,
+    update_teacher=selftrain.update_teacher,
+    after_step=after_step,
+    curve_columns=curve_columns,
+    section="memseg",
+    ablations={
+        "no_contr_labeled": {"weight_labeled": 0.0},
+        "no_contr_unlabeled": {"weight_unlabeled": 0.0},
+        "no_feature_weights": {"feature_weights": False},
+        "no_quality_filter": {"quality_filter": False},
+        "random_insertion": {"ranked_insertion": False},
+    },
+)

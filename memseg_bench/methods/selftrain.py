@@ -6,8 +6,9 @@ from __future__ import annotations
 import torch
 
 from memseg_bench.data.augment import augment, classmix
-from memseg_bench.methods.context import StepContext, teacher_forward, upsampled
+from memseg_bench.methods.context import StepContext, StudentPass, teacher_forward, upsampled
 from memseg_bench.methods.contrastive import class_index
+from memseg_bench.methods.ema import ema_alpha, ema_update
 from memseg_bench.methods.losses import (
     class_weights_from_counts,
     entropy_loss,
@@ -15,6 +16,7 @@ from memseg_bench.methods.losses import (
     ramp,
     supervised_ce,
 )
+from memseg_bench.methods.method import Method
 from memseg_bench.methods.supervised import augment_labeled
 
 
@@ -41,7 +43,7 @@ def strong_views(ctx: StepContext, images, labels, confidence, step: int):
         prob=mix_prob,
         generator=ctx.generator,
         num_classes=ctx.num_classes,
-        drop_background=selftrain.classmix_drop_background,
+        drop_background=settings.classmix_drop_background,
         per_image=per_image,
     )
     return augment(
@@ -64,14 +66,14 @@ def class_counts(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
 
 
 def _class_weights(ctx: StepContext, labels: torch.Tensor, pseudo: torch.Tensor, step: int):
-    """Cityscapes weighting from GT and recent pseudo-label counts, used after contrastive_start."""
+    """Cityscapes weighting from GT and recent pseudo-label counts, from class_weights_start on."""
     if not ctx.config.methods.selftrain.class_weights:
         return None
     counts = sum(class_counts(t, ctx.num_classes) for t in (labels, pseudo))
     previous = ctx.extra_state.get("class_counts")
     counts = counts if previous is None else 0.99 * previous + counts
     ctx.extra_state["class_counts"] = counts
-    if step < ctx.config.methods.memseg.contrastive_start:
+    if step < ctx.config.methods.selftrain.class_weights_start:
         return None
     return class_weights_from_counts(counts)
 
@@ -117,17 +119,29 @@ def forward(ctx: StepContext, labeled: dict, unlabeled: dict, step: int):
             "ent": selftrain.entropy_weight
             * entropy_loss(upsampled(view_logits, view_labels.shape[-2:]), official=ctx.official),
         }
-    extras = {
-        "diagnostics": pseudo_label_quality(pseudo, confidence, unlabeled["label"]),
-        "labeled_images": labeled_images,
-        "labeled_labels": labeled_labels,
-        "labeled_features": features[:n_labeled],
-        "view_features": features[n_labeled:],
-        "view_labels": view_labels,
-    }
-    return terms, extras
+    student = StudentPass(
+        labeled_images=labeled_images,
+        labeled_labels=labeled_labels,
+        labeled_features=features[:n_labeled],
+        view_features=features[n_labeled:],
+        view_labels=view_labels,
+        diagnostics=pseudo_label_quality(pseudo, confidence, unlabeled["label"]),
+    )
+    return terms, student
 
 
 def losses(ctx: StepContext, labeled: dict, unlabeled: dict | None, step: int):
     assert unlabeled is not None
     return forward(ctx, labeled, unlabeled, step)
+
+
+def update_teacher(ctx: StepContext, step: int) -> None:
+    """The EMA step of the mean teacher, after the student's optimiser step."""
+    settings = ctx.config.methods.selftrain
+    alpha = ema_alpha(step, ctx.config.train.iterations, settings.ema_final, settings.ema_to_one)
+    ema_update(ctx.teacher, ctx.model, alpha, copy_buffers=settings.teacher_copy_buffers)
+
+
+METHOD = Method(
+    losses=losses, needs_teacher=True, update_teacher=update_teacher, section="selftrain"
+)

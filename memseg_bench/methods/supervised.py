@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 
 from memseg_bench.data.augment import augment, classmix
-from memseg_bench.methods.context import StepContext
+from memseg_bench.methods.context import StepContext, StudentPass
 from memseg_bench.methods.losses import supervised_ce
+from memseg_bench.methods.method import Method
 
 
 def augment_labeled(ctx: StepContext, labeled: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -20,7 +21,7 @@ def augment_labeled(ctx: StepContext, labeled: dict) -> tuple[torch.Tensor, torc
         prob=settings.labeled.classmix_prob,
         generator=ctx.generator,
         num_classes=ctx.num_classes,
-        drop_background=ctx.config.methods.selftrain.classmix_drop_background,
+        drop_background=settings.classmix_drop_background,
         per_image=per_image,
     )
     images, labels, _ = augment(
@@ -42,4 +43,7 @@ def losses(ctx: StepContext, labeled: dict, unlabeled: dict | None, step: int):
     with ctx.timer("student_forward"):
         logits, _ = ctx.model["net"](images)
         terms = {"sup": supervised_ce(logits, labels)}
-    return terms, {"labeled_images": images, "labeled_labels": labels}
+    return terms, StudentPass(labeled_images=images, labeled_labels=labels)
+
+
+METHOD = Method(losses=losses)

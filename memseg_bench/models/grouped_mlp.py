@@ -12,9 +12,10 @@ rows change group at most G times, so there are at most ceil(P / T) + G pieces; 
 T = ceil(P / (8 G)) that is about 1.125 times the work of one dense layer, whatever the group sizes.
 
 On the CPU a host read costs nothing and the extra passes over [P, D] of the segmented form do, so
-on the device types in SPLIT_DEVICES the rows are split by group sizes read on the host and each
-group runs the plain layers. Both forms compute the same function; tests check each against a
-loop over groups, and `memseg bench loss` times the form a device does not use next to the other.
+the `split` form splits the rows by group sizes read on the host and runs each group's plain
+layers. `form="auto"` (the default) takes `split` on the CPU and `segmented` elsewhere. Both forms
+compute the same function; tests check each against a loop over groups, and `memseg bench loss`
+times the form a device does not use next to the other.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ ACTIVATIONS = {
     "leaky_relu": lambda x: F.leaky_relu(x, 0.2),
 }
 PIECES_PER_GROUP = 8
-SPLIT_DEVICES = ("cpu",)
+FORMS = ("auto", "split", "segmented")
 
 
 def _with_empty_group(tensor: torch.Tensor) -> torch.Tensor:
@@ -84,9 +85,13 @@ class GroupedMLP(nn.Module):
         activation: str = "relu",
         momentum: float = 0.1,
         eps: float = 1e-5,
+        form: str = "auto",
     ) -> None:
         super().__init__()
+        if form not in FORMS:
+            raise ValueError(f"form must be one of {FORMS}, got {form!r}")
         self.groups, self.activation, self.momentum, self.eps = groups, activation, momentum, eps
+        self.form = form
         self.weight1 = nn.Parameter(torch.empty(groups, hidden_dim, in_dim))
         self.bias1 = nn.Parameter(torch.empty(groups, hidden_dim))
         self.norm_weight = nn.Parameter(torch.ones(groups, hidden_dim))
@@ -102,11 +107,15 @@ class GroupedMLP(nn.Module):
                 weight.uniform_(-bound, bound)
                 bias.uniform_(-bound, bound)
 
+    def splits_on(self, device: torch.device) -> bool:
+        """Whether this module takes the host-split form on `device`."""
+        return self.form == "split" or (self.form == "auto" and device.type == "cpu")
+
     def forward(self, x: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
         """x [P, I], groups [P] long -> [P, O]; row p through the MLP of group groups[p]."""
         inside = (groups >= 0) & (groups < self.groups)
         tag = torch.where(inside, groups, torch.full_like(groups, self.groups))
-        if x.device.type in SPLIT_DEVICES:
+        if self.splits_on(x.device):
             return self._split(x, tag)
         if self.groups == 1:
             return self._layers(x, tag, one_group_linear(0))
@@ -150,7 +159,7 @@ class GroupedMLP(nn.Module):
         groups, size, _ = x.shape
         ids = torch.arange(groups, device=x.device)[:, None].expand(-1, size)
         tag = torch.where(valid, ids, torch.full_like(ids, groups)).flatten()
-        if x.device.type in SPLIT_DEVICES:
+        if self.splits_on(x.device):
             return self._split(x.flatten(0, 1), tag).view(groups, size, -1)
 
         def block_linear(rows, tag, weight, bias):
@@ -193,3 +202,12 @@ class GroupedMLP(nn.Module):
             moved = (1 - self.momentum) * running + self.momentum * value
             running.copy_(torch.where(batch, moved, running))
         self.num_batches_tracked.add_(batch[:, 0].long())
+
+
+def set_form(module: nn.Module, form: str) -> None:
+    """Put every GroupedMLP inside `module` in `form` (the form is no part of the weights)."""
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+    for child in module.modules():
+        if isinstance(child, GroupedMLP):
+            child.form = form

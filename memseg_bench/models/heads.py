@@ -11,9 +11,9 @@ from torch import nn
 from memseg_bench.models.grouped_mlp import GroupedMLP
 
 
-def pixel_head(in_dim: int, dim: int) -> GroupedMLP:
+def pixel_head(in_dim: int, dim: int, form: str = "auto") -> GroupedMLP:
     """Linear -> BN1d -> ReLU -> Linear on the rows of group 0 (others are left out)."""
-    return GroupedMLP(1, in_dim, dim, dim, "relu")
+    return GroupedMLP(1, in_dim, dim, dim, "relu", form=form)
 
 
 def only(valid: torch.Tensor) -> torch.Tensor:
@@ -26,9 +26,9 @@ class ClassSelectors(nn.Module):
 
     BatchNorm statistics are computed per class over that class's rows only."""
 
-    def __init__(self, num_classes: int, dim: int = 256) -> None:
+    def __init__(self, num_classes: int, dim: int = 256, form: str = "auto") -> None:
         super().__init__()
-        self.mlp = GroupedMLP(num_classes, dim, dim, 1, "leaky_relu")
+        self.mlp = GroupedMLP(num_classes, dim, dim, 1, "leaky_relu", form=form)
 
     def forward(self, x: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
         """x [P, D], classes [P] long -> scores [P] in (0, 1); rows with a class outside
@@ -42,12 +42,14 @@ class ClassSelectors(nn.Module):
         return torch.sigmoid(self.mlp.forward_blocks(x, filled)[..., 0])
 
 
-def build_heads(feature_channels: int, num_classes: int, dim: int = 256) -> nn.ModuleDict:
+def build_heads(
+    feature_channels: int, num_classes: int, dim: int = 256, form: str = "auto"
+) -> nn.ModuleDict:
     return nn.ModuleDict(
         {
-            "projection": pixel_head(feature_channels, dim),
-            "prediction": pixel_head(dim, dim),
-            "selectors_feature": ClassSelectors(num_classes, dim),
-            "selectors_memory": ClassSelectors(num_classes, dim),
+            "projection": pixel_head(feature_channels, dim, form),
+            "prediction": pixel_head(dim, dim, form),
+            "selectors_feature": ClassSelectors(num_classes, dim, form),
+            "selectors_memory": ClassSelectors(num_classes, dim, form),
         }
     )

@@ -16,12 +16,11 @@ Each variant runs in a fresh subprocess on identical seeded inputs; its peak mem
 the resident set (CPU: VmHWM after resetting it once the inputs exist, else ru_maxrss) or of the
 CUDA allocator's peak above what the inputs hold.
 
-    python -m memseg_bench.bench_loss --preset voc --threads 2
+    memseg bench loss --preset voc_v3p_r50 --threads 2
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -30,10 +29,11 @@ import sys
 import time
 from dataclasses import dataclass
 
-# Sizes of a DeepLabv3+ step (stride-4 features): VOC 20 + 2x10 crops of 321 (81 x 81 features),
-# Cityscapes 7 + 2x3 crops of 512 (128 x 128), after dropping ignored pixels.
+# Sizes of a DeepLabv3+ step (stride-4 features) of the config preset of the same name: VOC 20 +
+# 2x10 crops of 321 (81 x 81 features), Cityscapes 7 + 2x3 crops of 512 (128 x 128), after
+# dropping ignored pixels; the embedded protocol's sizes, small enough for tests.
 PRESETS = {
-    "voc": {
+    "voc_v3p_r50": {
         "num_classes": 21,
         "labeled": 125_000,
         "unlabeled": 125_000,
@@ -43,7 +43,7 @@ PRESETS = {
         "k_rule": "voc",
         "background": 0.70,
     },
-    "cityscapes": {
+    "cityscapes_v3p_r50": {
         "num_classes": 19,
         "labeled": 110_000,
         "unlabeled": 95_000,
@@ -53,15 +53,15 @@ PRESETS = {
         "k_rule": "cityscapes",
         "background": None,
     },
-    # for tests: the same code paths at toy sizes
-    "tiny": {
-        "num_classes": 5,
-        "labeled": 600,
-        "unlabeled": 400,
-        "labeled_all": 700,
-        "n_labeled": 20,
-        "batch_labeled": 2,
-        "k_rule": "voc",
+    # 4 + 2x2 crops of 64 (16 x 16 features), 7 classes
+    "embedded": {
+        "num_classes": 7,
+        "labeled": 1_000,
+        "unlabeled": 1_000,
+        "labeled_all": 1_024,
+        "n_labeled": 5,
+        "batch_labeled": 4,
+        "k_rule": "cityscapes",
         "background": 0.5,
     },
 }
@@ -149,7 +149,7 @@ def build_inputs(preset_name: str, device: str, dtype_name: str, seed: int = 0) 
     )
 
 
-def build_heads(num_classes: int, device: str, dtype_name: str):
+def build_heads(num_classes: int, device: str, dtype_name: str, form: str = "auto"):
     """Student selectors and the teacher's projection + feature selector (eval mode)."""
     import torch
 
@@ -158,10 +158,10 @@ def build_heads(num_classes: int, device: str, dtype_name: str):
     dtype = getattr(torch, dtype_name)
     torch.manual_seed(0)
     heads = {
-        "selectors_feature": ClassSelectors(num_classes, DIM),
-        "selectors_memory": ClassSelectors(num_classes, DIM),
-        "teacher_projection": pixel_head(DIM, DIM).eval(),
-        "teacher_selectors": ClassSelectors(num_classes, DIM).eval(),
+        "selectors_feature": ClassSelectors(num_classes, DIM, form),
+        "selectors_memory": ClassSelectors(num_classes, DIM, form),
+        "teacher_projection": pixel_head(DIM, DIM, form).eval(),
+        "teacher_selectors": ClassSelectors(num_classes, DIM, form).eval(),
     }
     return {name: module.to(device=device, dtype=dtype) for name, module in heads.items()}
 
@@ -330,17 +330,13 @@ def run_variant(
     from memseg_bench.methods.memory_bank import k_per_class
 
     torch.set_num_threads(threads)
+    form = "auto"
     if variant == "term_other_form":  # the selectors' form this device does not use by default
-        from memseg_bench.models import grouped_mlp
-
-        kind = torch.device(device).type
-        others = tuple(d for d in grouped_mlp.SPLIT_DEVICES if d != kind)
-        split = kind in grouped_mlp.SPLIT_DEVICES
-        grouped_mlp.SPLIT_DEVICES = others if split else (*others, kind)
+        form = "segmented" if torch.device(device).type == "cpu" else "split"
     preset = PRESETS[preset_name]
     c = preset["num_classes"]
     inputs = build_inputs(preset_name, device, dtype_name)
-    heads = build_heads(c, device, dtype_name) if variant.startswith("term") else None
+    heads = build_heads(c, device, dtype_name, form) if variant.startswith("term") else None
     k = k_per_class(preset["n_labeled"], MEMORY, c, preset["batch_labeled"], preset["k_rule"])
     memory_np = numpy_bank(inputs.bank) if variant == "term_pairwise" else None
     leaves = inputs.features + inputs.scores + [inputs.memory_scores]
@@ -412,9 +408,9 @@ def run_variant(
 
 
 def _in_subprocess(variant, preset, threads, repeats, dtype_name, device) -> dict:
-    command = [sys.executable, "-m", "memseg_bench.bench_loss", "--worker", variant]
-    command += ["--preset", preset, "--threads", str(threads), "--repeats", str(repeats)]
-    command += ["--dtype", dtype_name, "--device", device]
+    arguments = {"variant": variant, "preset_name": preset, "threads": threads}
+    arguments.update(repeats=repeats, dtype_name=dtype_name, device=device)
+    command = [sys.executable, "-m", "memseg_bench.bench.loss", json.dumps(arguments)]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"bench worker {variant} failed:\n{done.stderr[-2000:]}")
@@ -422,7 +418,7 @@ def _in_subprocess(variant, preset, threads, repeats, dtype_name, device) -> dic
 
 
 def bench_loss(
-    preset: str = "voc",
+    preset: str = "voc_v3p_r50",
     threads: int = 2,
     repeats: int = 3,
     dtype=None,
@@ -498,39 +494,5 @@ def print_summary(summary: dict) -> None:
             console.print(f"{label}: [bold]{summary[key]:.1f}x[/bold]")
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="voc")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--variants", nargs="*", choices=VARIANTS, default=list(VARIANTS))
-    parser.add_argument("--json", help="also write the summary to this file")
-    parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.worker:
-        result = run_variant(
-            args.worker, args.preset, args.threads, args.repeats, args.dtype, args.device
-        )
-        print(json.dumps(result))
-        return
-    import torch
-
-    summary = bench_loss(
-        args.preset,
-        args.threads,
-        args.repeats,
-        getattr(torch, args.dtype),
-        args.device,
-        tuple(args.variants),
-    )
-    print_summary(summary)
-    if args.json:
-        from memseg_bench.fileio import write_json
-
-        write_json(args.json, summary)
-
-
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # one variant, in the subprocess that _in_subprocess starts
+    print(json.dumps(run_variant(**json.loads(sys.argv[1]))))
