@@ -14,15 +14,14 @@ import torch
 import torch.nn.functional as F
 
 from memseg_bench.metrics import confusion_matrix, scores
+from memseg_bench.models.resize import resized
 
 MODES = ("whole", "sliding")
 
 
 def _forward(segmenter, x: torch.Tensor) -> torch.Tensor:
     logits = segmenter(x)[0].float()
-    if logits.shape[-2:] != x.shape[-2:]:
-        logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
-    return logits
+    return resized(logits, x.shape[-2:])
 
 
 def _starts(size: int, window: int, stride: int) -> list[int]:
@@ -84,9 +83,7 @@ def logits_for_image(
         if window <= 0 or stride <= 0 or stride > window:
             raise ValueError(f"sliding window needs 0 < stride <= window, got {stride}, {window}")
         logits = _sliding(segmenter, image, window, stride, tile_batch)
-    if out_size is not None and tuple(logits.shape[-2:]) != tuple(out_size):
-        logits = F.interpolate(logits, size=tuple(out_size), mode="bilinear", align_corners=False)
-    return logits
+    return logits if out_size is None else resized(logits, out_size)
 
 
 def _groups(dataset, batch: int):

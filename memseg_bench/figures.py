@@ -17,6 +17,7 @@ import numpy as np
 
 from memseg_bench.errors import UserError
 from memseg_bench.fileio import atomic_path
+from memseg_bench.labels import IGNORE
 
 METHOD_COLOURS = {"supervised": "#7f7f7f", "selftrain": "#1f77b4", "memseg": "#d62728"}
 _OTHER_COLOURS = ("#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf", "#ff7f0e")
@@ -302,7 +303,7 @@ def colour_mask(
     lut = np.zeros((256, 3), dtype=np.uint8)
     lut[: len(palette)] = np.asarray(palette, dtype=np.uint8).reshape(-1, 3)
     lut[255] = ignore
-    unknown = (mask >= len(palette)) & (mask != 255)
+    unknown = (mask >= len(palette)) & (mask != IGNORE)
     if unknown.any():
         raise ValueError(f"mask holds class ids beyond the {len(palette)}-colour palette")
     return lut[mask.astype(np.uint8)]

@@ -10,9 +10,11 @@ from collections.abc import Sequence
 
 import torch
 
+from memseg_bench.labels import IGNORE
+
 
 def confusion_matrix(
-    pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int = 255
+    pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int = IGNORE
 ) -> torch.Tensor:
     """[C, C] int64 counts (rows: ground truth, columns: prediction); `ignore_index` is skipped.
 

@@ -29,6 +29,8 @@ import sys
 import time
 from dataclasses import dataclass
 
+from memseg_bench.labels import IGNORE
+
 # Sizes of a DeepLabv3+ step (stride-4 features) of the config preset of the same name: VOC 20 +
 # 2x10 crops of 321 (81 x 81 features), Cityscapes 7 + 2x3 crops of 512 (128 x 128), after
 # dropping ignored pixels; the embedded protocol's sizes, small enough for tests.
@@ -192,7 +194,7 @@ def bank_update_ours(inputs: Inputs, heads: dict, k: int):
     with torch.no_grad():
         labels = inputs.teacher_labels
         keep = quality_mask(labels, inputs.teacher_pred, inputs.teacher_conf)
-        classes = torch.where(keep, labels, torch.full_like(labels, 255))
+        classes = torch.where(keep, labels, torch.full_like(labels, IGNORE))
         projected = heads["teacher_projection"](inputs.teacher_features, only(keep))
         scores = heads["teacher_selectors"](projected, classes)
         best = best_per_class(projected, classes, scores, k, inputs.bank["count"].shape[0], True)

@@ -15,8 +15,7 @@ import torch
 from torch.nn import functional as F
 
 from memseg_bench.config import AugmentSide
-
-IGNORE = 255
+from memseg_bench.labels import IGNORE
 
 
 def _rand(generator: torch.Generator, batch: int, per_image: bool, device, count: int = 1):

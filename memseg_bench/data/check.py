@@ -16,6 +16,7 @@ import numpy as np
 
 from memseg_bench.config import DataConfig
 from memseg_bench.errors import UserError
+from memseg_bench.labels import IGNORE
 
 EXPECTED_COUNTS = {
     "voc": {"train": 10582, "val": 1449},
@@ -65,7 +66,7 @@ def _layout_problems(index) -> list[str]:
 
 
 def _label_problems(index, label_path: Path, label: np.ndarray) -> list[str]:
-    from memseg_bench.data.datasets import IGNORE, invalid_values
+    from memseg_bench.data.datasets import invalid_values
 
     problems = []
     bad = invalid_values(label, index.num_classes)
@@ -205,7 +206,7 @@ def check_dataset(
                 c: float(counts[k] / total) if total else 0.0
                 for k, c in enumerate(index.class_names)
             },
-            "ignore_share": float(counts[255] / total) if total else 0.0,
+            "ignore_share": float(counts[IGNORE] / total) if total else 0.0,
         }
         problems += split_problems
     return problems, summary

@@ -17,8 +17,8 @@ import numpy as np
 from memseg_bench.config import DataConfig
 from memseg_bench.errors import UserError
 from memseg_bench.fileio import read_image, read_label
+from memseg_bench.labels import IGNORE
 
-IGNORE = 255
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 
 VOC_CLASSES = (

@@ -15,8 +15,7 @@ import numpy as np
 import torch
 
 from memseg_bench.data.datasets import DatasetIndex, load_sample
-
-IGNORE = 255
+from memseg_bench.labels import IGNORE
 
 
 def _resize(array: np.ndarray, scale: float, nearest: bool) -> np.ndarray:

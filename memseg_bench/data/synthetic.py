@@ -23,10 +23,10 @@ import numpy as np
 
 from memseg_bench.config import SyntheticConfig
 from memseg_bench.errors import UserError
+from memseg_bench.labels import IGNORE
 
 GENERATOR_VERSION = 2
 STAMP = "synthetic.json"
-IGNORE = 255
 CLASS_NAMES = ("background", "disc", "square", "triangle", "ring", "cross", "star")
 PALETTE = (
     (0, 0, 0),

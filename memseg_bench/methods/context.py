@@ -56,12 +56,6 @@ def labels_at(labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return resized[:, 0].long()
 
 
-def upsampled(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    if tuple(logits.shape[-2:]) == tuple(size):
-        return logits
-    return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
-
-
 @torch.no_grad()
 def teacher_forward(ctx: StepContext, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Teacher logits and features; `official` keeps the teacher in train mode (batch stats)."""

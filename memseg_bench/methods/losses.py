@@ -8,7 +8,8 @@ import math
 import torch
 from torch.nn import functional as F
 
-IGNORE = 255
+from memseg_bench.labels import IGNORE
+from memseg_bench.models.resize import resized
 
 
 def ramp(i: int, ramp_iterations: int = 2000) -> float:
@@ -18,18 +19,12 @@ def ramp(i: int, ramp_iterations: int = 2000) -> float:
     return math.exp(-5.0 * (1.0 - i / ramp_iterations) ** 2)
 
 
-def _at_label_size(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    if tuple(logits.shape[-2:]) == tuple(labels.shape[-2:]):
-        return logits
-    return F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
-
-
 def supervised_ce(
     logits: torch.Tensor, labels: torch.Tensor, class_weights: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Mean CE over the non-ignored pixels (weighted mean when class weights are given; 0 when
     every pixel is ignored). logits [B, C, h, w] are upsampled bilinearly to labels [B, H, W]."""
-    logits = _at_label_size(logits, labels)
+    logits = resized(logits, labels.shape[-2:])
     weight = None if class_weights is None else class_weights.to(logits.dtype)
     per_pixel = F.cross_entropy(
         logits, labels, weight=weight, ignore_index=IGNORE, reduction="none"
@@ -55,7 +50,7 @@ def pseudo_label_ce(
     """Per-pixel CE weighted by confidence**power, averaged over all pixels of the views.
 
     Ignored pixels (label 255, e.g. padding) contribute 0 but count in the mean."""
-    logits = _at_label_size(logits, pseudo_labels)
+    logits = resized(logits, pseudo_labels.shape[-2:])
     weight = None if class_weights is None else class_weights.to(logits.dtype)
     per_pixel = F.cross_entropy(
         logits, pseudo_labels, weight=weight, ignore_index=IGNORE, reduction="none"

@@ -11,7 +11,7 @@ from typing import Literal
 
 import torch
 
-IGNORE = 255
+from memseg_bench.labels import IGNORE
 
 
 def new_bank(

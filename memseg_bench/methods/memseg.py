@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
+from memseg_bench.labels import IGNORE
 from memseg_bench.methods import selftrain
 from memseg_bench.methods.context import (
     StepContext,
@@ -52,7 +53,7 @@ def pixel_term(ctx: StepContext, features: torch.Tensor, labels: torch.Tensor, m
     Ignored pixels stay in the tensors, out of the heads' statistics and of the loss."""
     heads = ctx.model["heads"]
     classes = labels_at(labels, features.shape[-2:]).flatten()
-    valid = only(classes != 255)
+    valid = only(classes != IGNORE)
     embedded = heads["prediction"](heads["projection"](flatten_pixels(features), valid), valid)
     scores = None
     if ctx.config.methods.memseg.feature_weights:
@@ -103,14 +104,14 @@ def bank_candidates(ctx: StepContext, images: torch.Tensor, labels: torch.Tensor
         threshold=settings.quality_threshold,
         enabled=settings.quality_filter,
     )
-    classes = torch.where(keep, labels, torch.full_like(labels, 255))
+    classes = torch.where(keep, labels, torch.full_like(labels, IGNORE))
     heads = ctx.teacher["heads"]
     projected = heads["projection"](flatten_pixels(features), only(keep))
     if rank_order(ctx) == "random":
         keys = random_keys(projected.shape[0], projected, ctx.generator)
     else:
         keys = heads["selectors_feature"](projected, classes)
-    stats = {"kept": keep.sum(), "valid": (labels != 255).sum()}
+    stats = {"kept": keep.sum(), "valid": (labels != IGNORE).sum()}
     return projected, classes, keys, stats
 
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 
 from memseg_bench.data.augment import augment, classmix
-from memseg_bench.methods.context import StepContext, StudentPass, teacher_forward, upsampled
+from memseg_bench.labels import IGNORE
+from memseg_bench.methods.context import StepContext, StudentPass, teacher_forward
 from memseg_bench.methods.contrastive import class_index
 from memseg_bench.methods.ema import ema_alpha, ema_update
 from memseg_bench.methods.losses import (
@@ -18,13 +19,14 @@ from memseg_bench.methods.losses import (
 )
 from memseg_bench.methods.method import Method
 from memseg_bench.methods.supervised import augment_labeled
+from memseg_bench.models.resize import resized
 
 
 @torch.no_grad()
 def pseudo_labels(ctx: StepContext, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Teacher confidence and argmax on the un-augmented unlabeled crops, at crop size."""
     logits, _ = teacher_forward(ctx, images)
-    probs = torch.softmax(upsampled(logits.float(), images.shape[-2:]), dim=1)
+    probs = torch.softmax(resized(logits.float(), images.shape[-2:]), dim=1)
     confidence, labels = probs.max(dim=1)
     return confidence, labels
 
@@ -83,7 +85,7 @@ def pseudo_label_quality(pseudo, confidence, hidden_labels) -> dict[str, torch.T
     """How good the teacher's pseudo-labels are, measured against the ground truth that the
     unlabeled images have but training never reads: pixel accuracy over labeled pixels, and the
     mean confidence. Diagnostics only (logged, never in a loss)."""
-    valid = hidden_labels != 255
+    valid = hidden_labels != IGNORE
     correct = (pseudo == hidden_labels) & valid
     return {
         "pseudo_accuracy": correct.sum() / valid.sum().clamp(min=1),
@@ -117,7 +119,7 @@ def forward(ctx: StepContext, labeled: dict, unlabeled: dict, step: int):
                 class_weights=weights,
             ),
             "ent": selftrain.entropy_weight
-            * entropy_loss(upsampled(view_logits, view_labels.shape[-2:]), official=ctx.official),
+            * entropy_loss(resized(view_logits, view_labels.shape[-2:]), official=ctx.official),
         }
     student = StudentPass(
         labeled_images=labeled_images,

@@ -11,7 +11,8 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
-from torch.nn import functional as F
+
+from memseg_bench.models.resize import resized
 
 ASPP_CHANNELS = 256
 LOW_LEVEL_CHANNELS = 48
@@ -26,10 +27,6 @@ def conv_bn_relu(in_ch: int, out_ch: int, kernel: int = 1, dilation: int = 1) ->
         nn.BatchNorm2d(out_ch),
         nn.ReLU(inplace=True),
     )
-
-
-def _resize(x: torch.Tensor, size: Sequence) -> torch.Tensor:
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
 
 class ImagePooling(nn.Module):
@@ -84,7 +81,7 @@ class DeepLabV3PlusHead(nn.Module):
 
     def forward(self, low: torch.Tensor, high: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         low = self.low_project(low)
-        context = _resize(self.aspp(high), low.shape[-2:])
+        context = resized(self.aspp(high), low.shape[-2:])
         features = self.decoder(torch.cat([context, low], dim=1))
         return self.classifier(self.dropout(features)), features
 
