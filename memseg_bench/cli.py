@@ -114,14 +114,31 @@ def report(
 def export(
     run: Path = typer.Option(None, help="run directory (default: export.run in params)"),
     output: Path = typer.Option(Path("models/student.onnx")),
+    int8: bool = typer.Option(
+        None, "--int8/--no-int8", help="also write the int8 model (default: export.int8)"
+    ),
+    int8_output: Path = typer.Option(Path("models/student.int8.onnx")),
     check_report: Path = typer.Option(Path("reports/export_check.json")),
     params: Path = PARAMS,
 ) -> None:
-    """Export the student of a run to ONNX and check parity with PyTorch."""
-    from memseg_bench.export import export_onnx
+    """Export the student of a run to ONNX (and int8) and check it against PyTorch."""
+    from memseg_bench.export import Int8Export, export_onnx
+    from memseg_bench.quantize import Int8Method
 
     settings = _config(params).export
     run = run or Path("runs") / settings.run
+    quantized = None
+    if settings.int8 if int8 is None else int8:
+        quantized = Int8Export(
+            int8_output,
+            calibration_images=settings.int8_calibration_images,
+            calibration_seed=settings.int8_calibration_seed,
+            max_miou_drop=settings.int8_max_miou_drop,
+            method=Int8Method(
+                per_channel=settings.int8_per_channel,
+                calibrate_method=settings.int8_calibrate_method,
+            ),
+        )
     result = export_onnx(
         run / "model.pt",
         output,
@@ -130,8 +147,16 @@ def export(
         opset=settings.opset,
         max_abs_tolerance=settings.max_abs_tolerance,
         min_argmax_agreement=settings.min_argmax_agreement,
+        int8=quantized,
     )
     typer.echo(f"exported {output}: parity {result.get('passed')}")
+    if "int8" in result:
+        checked = result["int8"]
+        typer.echo(
+            f"exported {int8_output}: mIoU {100 * checked['fp32_miou']:.2f} (fp32) -> "
+            f"{100 * checked['int8_miou']:.2f} (int8) on {checked['eval_split']}, pixel "
+            f"agreement {checked['pixel_agreement']:.4f}"
+        )
 
 
 @app.command()
