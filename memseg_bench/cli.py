@@ -168,6 +168,9 @@ def predict(
     max_side: int = typer.Option(
         2048, help="longest side the model sees; larger images are downscaled (0: no limit)"
     ),
+    batch: int = typer.Option(1, help="images of one size that go through the model together"),
+    threads: int = typer.Option(0, help="onnxruntime threads (0: every core of this process)"),
+    overlay: bool = typer.Option(True, "--overlay/--no-overlay", help="write <name>_overlay.png"),
 ) -> None:
     """Segment images with the exported model (onnxruntime, no torch)."""
     from memseg_bench.predict import predict as run_predict
@@ -178,22 +181,45 @@ def predict(
         None if output is None else str(output),
         provider,
         max_side=max_side,
+        batch=batch,
+        threads=threads,
+        with_overlay=overlay,
     )
 
 
 @bench_app.command("infer")
 def bench_infer(
-    model: Path = typer.Option(None, help="runs/<run>/model.pt (default: random init)"),
-    backbone: str = typer.Option("resnet50"),
-    size: int = typer.Option(512),
+    model: list[Path] = typer.Option(
+        None, help="runs/<run>/model.pt (repeatable; default: the random init and export.run)"
+    ),
+    backbone: str = typer.Option("resnet50", help="backbone of the random-init model"),
+    size: list[int] = typer.Option(None, help="square size (repeatable; default: 512)"),
     repeats: int = typer.Option(10),
     threads: int = typer.Option(2),
+    folder: Path = typer.Option(None, help="images for predict's throughput, e.g. a test split"),
+    tuning: bool = typer.Option(False, "--tuning", help="also time each session option"),
+    params: Path = PARAMS,
 ) -> None:
-    """PyTorch eager vs ONNX Runtime latency at SIZE x SIZE, as a ratio."""
+    """Eager vs ORT fp32 vs ORT int8 latency at 512x512 and the protocol's size, the int8 mIoU
+    cost, and predict's folder throughput against the bare session."""
     from memseg_bench.bench_infer import bench_infer as run
 
+    config = _config(params)
+    if model:
+        models = [str(path) for path in model]
+    else:
+        student = Path("runs") / config.export.run / "model.pt"
+        models = [None] + ([str(student)] if student.is_file() else [])
+    sizes = [(s, s) for s in size] if size else [(512, 512)]
     run(
-        None if model is None else str(model), backbone, size=size, repeats=repeats, threads=threads
+        models,
+        config,
+        backbone,
+        sizes=[*sizes, None],
+        repeats=repeats,
+        threads=threads,
+        folder=None if folder is None else str(folder),
+        tuning=tuning,
     )
 
 

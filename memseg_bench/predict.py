@@ -122,6 +122,7 @@ def predict(
     max_side: int = MAX_SIDE,
     batch: int = 1,
     threads: int = 0,
+    with_overlay: bool = True,
 ) -> list[dict]:
     """Segment every input image; returns one dict per segmented image (paths, sizes, latency),
     in input order.
@@ -157,6 +158,7 @@ def predict(
         batch,
         on_result=lambda result: console.print(summary_line(result), markup=False),
         on_skip=lambda error: errors.print(f"skipped: {error}", markup=False),
+        with_overlay=with_overlay,
     )
     if run.results:
         console.print(
