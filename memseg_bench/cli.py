@@ -114,14 +114,31 @@ def report(
 def export(
     run: Path = typer.Option(None, help="run directory (default: export.run in params)"),
     output: Path = typer.Option(Path("models/student.onnx")),
+    int8: bool = typer.Option(
+        None, "--int8/--no-int8", help="also write the int8 model (default: export.int8)"
+    ),
+    int8_output: Path = typer.Option(Path("models/student.int8.onnx")),
     check_report: Path = typer.Option(Path("reports/export_check.json")),
     params: Path = PARAMS,
 ) -> None:
-    """Export the student of a run to ONNX and check parity with PyTorch."""
-    from memseg_bench.export import export_onnx
+    """Export the student of a run to ONNX (and int8) and check it against PyTorch."""
+    from memseg_bench.export import Int8Export, export_onnx
+    from memseg_bench.quantize import Int8Method
 
     settings = _config(params).export
     run = run or Path("runs") / settings.run
+    quantized = None
+    if settings.int8 if int8 is None else int8:
+        quantized = Int8Export(
+            int8_output,
+            calibration_images=settings.int8_calibration_images,
+            calibration_seed=settings.int8_calibration_seed,
+            max_miou_drop=settings.int8_max_miou_drop,
+            method=Int8Method(
+                per_channel=settings.int8_per_channel,
+                calibrate_method=settings.int8_calibrate_method,
+            ),
+        )
     result = export_onnx(
         run / "model.pt",
         output,
@@ -130,8 +147,16 @@ def export(
         opset=settings.opset,
         max_abs_tolerance=settings.max_abs_tolerance,
         min_argmax_agreement=settings.min_argmax_agreement,
+        int8=quantized,
     )
     typer.echo(f"exported {output}: parity {result.get('passed')}")
+    if "int8" in result:
+        checked = result["int8"]
+        typer.echo(
+            f"exported {int8_output}: mIoU {100 * checked['fp32_miou']:.2f} (fp32) -> "
+            f"{100 * checked['int8_miou']:.2f} (int8) on {checked['eval_split']}, pixel "
+            f"agreement {checked['pixel_agreement']:.4f}"
+        )
 
 
 @app.command()
@@ -143,6 +168,9 @@ def predict(
     max_side: int = typer.Option(
         2048, help="longest side the model sees; larger images are downscaled (0: no limit)"
     ),
+    batch: int = typer.Option(1, help="images of one size that go through the model together"),
+    threads: int = typer.Option(0, help="onnxruntime threads (0: every core of this process)"),
+    overlay: bool = typer.Option(True, "--overlay/--no-overlay", help="write <name>_overlay.png"),
 ) -> None:
     """Segment images with the exported model (onnxruntime, no torch)."""
     from memseg_bench.predict import predict as run_predict
@@ -153,22 +181,45 @@ def predict(
         None if output is None else str(output),
         provider,
         max_side=max_side,
+        batch=batch,
+        threads=threads,
+        with_overlay=overlay,
     )
 
 
 @bench_app.command("infer")
 def bench_infer(
-    model: Path = typer.Option(None, help="runs/<run>/model.pt (default: random init)"),
-    backbone: str = typer.Option("resnet50"),
-    size: int = typer.Option(512),
+    model: list[Path] = typer.Option(
+        None, help="runs/<run>/model.pt (repeatable; default: the random init and export.run)"
+    ),
+    backbone: str = typer.Option("resnet50", help="backbone of the random-init model"),
+    size: list[int] = typer.Option(None, help="square size (repeatable; default: 512)"),
     repeats: int = typer.Option(10),
     threads: int = typer.Option(2),
+    folder: Path = typer.Option(None, help="images for predict's throughput, e.g. a test split"),
+    tuning: bool = typer.Option(False, "--tuning", help="also time each session option"),
+    params: Path = PARAMS,
 ) -> None:
-    """PyTorch eager vs ONNX Runtime latency at SIZE x SIZE, as a ratio."""
+    """Eager vs ORT fp32 vs ORT int8 latency at 512x512 and the protocol's size, the int8 mIoU
+    cost, and predict's folder throughput against the bare session."""
     from memseg_bench.bench.infer import bench_infer as run
 
+    config = _config(params)
+    if model:
+        models = [str(path) for path in model]
+    else:
+        student = Path("runs") / config.export.run / "model.pt"
+        models = [None] + ([str(student)] if student.is_file() else [])
+    sizes = [(s, s) for s in size] if size else [(512, 512)]
     run(
-        None if model is None else str(model), backbone, size=size, repeats=repeats, threads=threads
+        models,
+        config,
+        backbone,
+        sizes=[*sizes, None],
+        repeats=repeats,
+        threads=threads,
+        folder=None if folder is None else str(folder),
+        tuning=tuning,
     )
 
 

@@ -4,6 +4,9 @@ The exported graph takes "image" float32 [N, 3, H, W] RGB in 0..255 (normalisati
 returns "logits" [N, C, H, W], upsampled bilinearly to the input size. Batch, height and width are
 dynamic. One self-contained .onnx file carries the class names, palette, config hash and
 normalisation as metadata, which `memseg predict` reads.
+
+With an `Int8Export`, a static int8 model is made from the checked fp32 one and both are scored on
+the protocol's evaluation split; the int8 model must stay within a tolerance of the fp32 mIoU.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import json
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +24,7 @@ from torch.nn import functional as F
 
 from memseg_bench.errors import UserError
 from memseg_bench.fileio import atomic_path, write_json
+from memseg_bench.quantize import Int8Method
 
 INPUT_NAME = "image"
 OUTPUT_NAME = "logits"
@@ -69,15 +74,21 @@ def export_model(wrapper: nn.Module, path: Path, opset: int, metadata: dict[str,
     onnx.save_model(proto, str(path), save_as_external_data=False)
 
 
-def ort_session(path: Path, providers: Sequence[str], threads: int = 0):
-    import onnxruntime as ort
+@dataclass(frozen=True)
+class Int8Export:
+    """Where the int8 model goes, how it is calibrated, and how much mIoU it may lose."""
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if threads:
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
+    path: Path
+    calibration_images: int = 32
+    calibration_seed: int = 0
+    max_miou_drop: float = 1.0  # mIoU points on the evaluation split
+    method: Int8Method = field(default_factory=Int8Method)
+
+
+def ort_session(path: Path, providers: Sequence[str], threads: int = 0):
+    from memseg_bench.runtime import Tuning, create_session
+
+    return create_session(path, providers, Tuning(threads=threads))
 
 
 def _parity_sizes(sizes: Sequence[Sequence[int]]) -> list[tuple[int, int]]:
@@ -139,11 +150,13 @@ def export_onnx(
     opset: int = 18,
     max_abs_tolerance: float = 1e-3,
     min_argmax_agreement: float = 0.999,
+    int8: Int8Export | None = None,
 ) -> dict:
     """Export the segmenter in `model_file` to `onnx_path` and write the parity report.
 
-    The .onnx file only appears when parity passes, and its report after it; on failure the report
-    is still written and a UserError is raised."""
+    The .onnx files only appear when every check passes (parity, and the int8 mIoU drop when
+    `int8` is given), and the report after them; on failure the report is still written and a
+    UserError is raised."""
     import onnxruntime as ort
 
     from memseg_bench.models import load_segmenter
@@ -181,6 +194,61 @@ def export_onnx(
                 f"(tolerance {max_abs_tolerance}), argmax agreement {worst_agreement:.5f} "
                 f"(required {min_argmax_agreement}); see {report_path}"
             )
-    # After the model is in place: a passing report never names a model that is not there.
+        if int8 is not None:
+            with atomic_path(int8.path) as int8_tmp:
+                report["int8"] = int8_check(tmp, int8_tmp, int8, info["config"])
+                if not report["int8"]["passed"]:
+                    write_json(report_path, report)
+                    checked = report["int8"]
+                    raise UserError(
+                        f"int8 model of {onnx_path} loses {checked['miou_drop']:.2f} mIoU points "
+                        f"({100 * checked['fp32_miou']:.2f} -> {100 * checked['int8_miou']:.2f}"
+                        f" on {checked['eval_split']}), more than "
+                        f"export.int8_max_miou_drop {int8.max_miou_drop}; see {report_path}"
+                    )
+    # After the models are in place: a passing report never names a model that is not there.
     write_json(report_path, report)
     return report
+
+
+def int8_check(fp32_path: Path, int8_path: Path, settings: Int8Export, config) -> dict:
+    """Quantize `fp32_path` into `int8_path`, score both on the evaluation split, and compare."""
+    from memseg_bench.data.datasets import open_dataset
+    from memseg_bench.onnx_scoring import score_session
+    from memseg_bench.quantize import (
+        CALIBRATION_SPLIT,
+        calibration_ids,
+        calibration_images,
+        quantize_int8,
+    )
+
+    index = open_dataset(config.data)
+    ids = calibration_ids(
+        index.ids(CALIBRATION_SPLIT), settings.calibration_images, settings.calibration_seed
+    )
+    images = calibration_images(index, ids, config.data.input_scale)
+    quantize_int8(fp32_path, int8_path, images, settings.method, INPUT_NAME)
+    fp32 = ort_session(fp32_path, [PARITY_PROVIDER])
+    quantized = ort_session(int8_path, [PARITY_PROVIDER])
+    fp32_scores, _ = score_session(fp32, config)
+    int8_scores, agreement = score_session(quantized, config, reference=fp32)
+    drop = 100 * (fp32_scores["miou"] - int8_scores["miou"])
+    return {
+        "onnx": str(settings.path),
+        "onnx_bytes": int8_path.stat().st_size,
+        "calibration": {
+            "split": CALIBRATION_SPLIT,
+            "images": len(ids),
+            "seed": settings.calibration_seed,
+            "ids": ids,
+        },
+        "method": settings.method.describe(),
+        "eval_split": config.evaluate.split,
+        "eval_images": int8_scores["num_images"],
+        "fp32_miou": fp32_scores["miou"],
+        "int8_miou": int8_scores["miou"],
+        "miou_drop": round(drop, 4),
+        "max_miou_drop": settings.max_miou_drop,
+        "pixel_agreement": agreement,
+        "passed": drop <= settings.max_miou_drop,
+    }

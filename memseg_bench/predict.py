@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import json
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
-from memseg_bench.errors import UserError, first_line
-from memseg_bench.fileio import read_image, save_png
+from memseg_bench.errors import UserError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 MAX_SIDE = 2048  # longest side the model sees; a 2048x1365 input is ~0.5 GB for a ResNet-50
@@ -25,10 +23,6 @@ OVERLAY_ROWS = 256  # rows blended at a time: float temporaries stay small on la
 INPUT_NAME = "image"  # must match memseg_bench.export (not imported: it needs torch)
 OUTPUT_NAME = "logits"
 REQUIRED_METADATA = ("class_names", "palette", "num_classes")
-PROVIDERS = {
-    "cpu": ["CPUExecutionProvider"],
-    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
-}
 
 
 def collect_images(inputs: list[str]) -> list[Path]:
@@ -50,32 +44,17 @@ def collect_images(inputs: list[str]) -> list[Path]:
     return images
 
 
-def open_session(model: str, provider: str = "auto"):
+def open_session(model: str, provider: str = "auto", threads: int = 0):
     """An onnxruntime session on our exported model, with its metadata checked."""
-    import onnxruntime as ort
+    from memseg_bench.runtime import CUDA, Tuning, create_session, providers_for
 
-    if provider not in ("auto", *PROVIDERS):
-        raise UserError(f"--provider must be auto, cpu or cuda, got {provider!r}")
+    providers = providers_for(provider)
     path = Path(model)
     if not path.is_file():
         raise UserError(f"model not found: {path}")
-    if provider == "auto":
-        cuda = "CUDAExecutionProvider" in ort.get_available_providers()
-        providers = PROVIDERS["cuda" if cuda else "cpu"]
-        # A CUDA build without usable CUDA libraries logs loud errors before falling back to the
-        # CPU; the provider that actually runs is printed instead.
-        ort.set_default_logger_severity(4)
-    else:
-        providers = PROVIDERS[provider]
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    try:
-        session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
-    except Exception as error:  # onnxruntime raises its own exception types for bad files
-        raise UserError(f"model {path} is not a valid ONNX model: {first_line(error)}") from None
-    finally:
-        ort.set_default_logger_severity(2)
-    if provider == "cuda" and session.get_providers()[0] != "CUDAExecutionProvider":
+    # The decode and write threads need the cores between the model's operators.
+    session = create_session(path, providers, Tuning(threads=threads, spinning=False))
+    if provider == "cuda" and session.get_providers()[0] != CUDA:
         raise UserError(f"--provider cuda: onnxruntime could not use CUDA for model {path}")
     inputs = [i.name for i in session.get_inputs()]
     outputs = [o.name for o in session.get_outputs()]
@@ -107,15 +86,6 @@ def _read_metadata(metadata: dict, path: Path) -> dict:
     return info
 
 
-def segment(session, image: np.ndarray) -> tuple[np.ndarray, float]:
-    """Class ids (H, W) uint8 for an RGB uint8 image, and the model's latency in ms."""
-    batch = np.ascontiguousarray(image.transpose(2, 0, 1)[None], dtype=np.float32)
-    start = time.perf_counter()
-    (logits,) = session.run([OUTPUT_NAME], {INPUT_NAME: batch})
-    latency = (time.perf_counter() - start) * 1000
-    return logits[0].argmax(0).astype(np.uint8), latency
-
-
 def model_size(height: int, width: int, max_side: int) -> tuple[int, int]:
     """(height, width) the model sees: the image's, or scaled so the longer side is max_side."""
     longest = max(height, width)
@@ -123,20 +93,6 @@ def model_size(height: int, width: int, max_side: int) -> tuple[int, int]:
         return height, width
     scale = max_side / longest
     return max(1, round(height * scale)), max(1, round(width * scale))
-
-
-def segment_bounded(session, image: np.ndarray, max_side: int) -> tuple[np.ndarray, float, tuple]:
-    """segment() on the image downscaled to model_size(); the mask comes back at full size."""
-    from PIL import Image
-
-    height, width = image.shape[:2]
-    size = model_size(height, width, max_side)
-    if size == (height, width):
-        return (*segment(session, image), size)
-    small = Image.fromarray(image).resize((size[1], size[0]), Image.Resampling.BILINEAR)
-    mask, latency = segment(session, np.asarray(small))
-    full = Image.fromarray(mask).resize((width, height), Image.Resampling.NEAREST)
-    return np.asarray(full), latency, size
 
 
 def overlay(image: np.ndarray, mask: np.ndarray, colours: np.ndarray) -> np.ndarray:
@@ -158,69 +114,73 @@ def _check_writable(folder: Path) -> None:
         raise UserError(f"output folder {folder} is not writable: {reason}") from None
 
 
-def _segment_and_save(
-    session, info: dict, image: np.ndarray, path: Path, folder: Path, max_side: int
-) -> dict:
-    mask, latency, size = segment_bounded(session, image, max_side)
-    mask_path = folder / f"{path.stem}_mask.png"
-    overlay_path = folder / f"{path.stem}_overlay.png"
-    save_png(mask_path, mask, palette=info["palette"])
-    save_png(overlay_path, overlay(image, mask, info["colours"]))
-    return {
-        "input": str(path),
-        "mask": str(mask_path),
-        "overlay": str(overlay_path),
-        "height": int(image.shape[0]),
-        "width": int(image.shape[1]),
-        "model_height": size[0],
-        "model_width": size[1],
-        "latency_ms": latency,
-    }
-
-
-def _summary_line(result: dict) -> str:
-    width, height = result["width"], result["height"]
-    line = f"{result['input']}: {width}x{height} -> {result['mask']} ({result['latency_ms']:.1f} ms"
-    if (result["model_width"], result["model_height"]) != (width, height):
-        line += f", segmented at {result['model_width']}x{result['model_height']}"
-    return line + ")"
-
-
 def predict(
     inputs: list[str],
     model: str,
     output_dir: str | None = None,
     provider: str = "auto",
     max_side: int = MAX_SIDE,
+    batch: int = 1,
+    threads: int = 0,
+    with_overlay: bool = True,
 ) -> list[dict]:
-    """Segment every input image; returns one dict per segmented image (paths, sizes, latency).
+    """Segment every input image; returns one dict per segmented image (paths, sizes, latency),
+    in input order.
 
-    Unreadable images are skipped, each with one line on stderr; a UserError after the others
-    names them."""
+    Images are decoded and their masks written on worker threads while the model runs; up to
+    `batch` images of one size go through the model together. Unreadable images are skipped,
+    each with one line on stderr; a UserError after the others names them."""
     from rich.console import Console
+
+    from memseg_bench.predict_pipeline import run_pipeline
 
     if max_side < 0:
         raise UserError(f"--max-side must be 0 (no limit) or positive, got {max_side}")
+    if batch < 1:
+        raise UserError(f"--batch must be at least 1, got {batch}")
     console = Console(highlight=False, soft_wrap=True)
     errors = Console(highlight=False, soft_wrap=True, stderr=True)
     images = collect_images(inputs)
     if output_dir is not None:
         _check_writable(Path(output_dir))
-    session, info = open_session(model, provider)
+    session, info = open_session(model, provider, threads)
     console.print(f"model {model}: provider {session.get_providers()[0]}")
-    results, skipped = [], []
-    for path in images:
-        folder = Path(output_dir) if output_dir is not None else path.parent
-        try:
-            image = read_image(path, orient=True)
-        except UserError as error:
-            errors.print(f"skipped: {error}", markup=False)
-            skipped.append(path)
-            continue
-        result = _segment_and_save(session, info, image, path, folder, max_side)
-        console.print(_summary_line(result), markup=False)
-        results.append(result)
-    if skipped:
-        names = ", ".join(str(p) for p in skipped[:5]) + (" ..." if len(skipped) > 5 else "")
-        raise UserError(f"{len(skipped)} of {len(images)} inputs are not readable images: {names}")
-    return results
+
+    def folder_for(path: Path) -> Path:
+        return Path(output_dir) if output_dir is not None else path.parent
+
+    run = run_pipeline(
+        session,
+        info,
+        images,
+        folder_for,
+        max_side,
+        batch,
+        on_result=lambda result: console.print(summary_line(result), markup=False),
+        on_skip=lambda error: errors.print(f"skipped: {error}", markup=False),
+        with_overlay=with_overlay,
+    )
+    if run.results:
+        console.print(
+            f"{len(run.results)} images in {run.wall_s:.2f} s: "
+            f"{len(run.results) / run.wall_s:.1f} images/s "
+            f"(the model alone: {len(run.results) / run.session_s:.1f} images/s)"
+        )
+    if run.skipped:
+        names = ", ".join(str(p) for p in run.skipped[:5]) + (
+            " ..." if len(run.skipped) > 5 else ""
+        )
+        raise UserError(
+            f"{len(run.skipped)} of {len(images)} inputs are not readable images: {names}"
+        )
+    return run.results
+
+
+def summary_line(result: dict) -> str:
+    width, height = result["width"], result["height"]
+    line = f"{result['input']}: {width}x{height} -> {result['mask']} ({result['latency_ms']:.1f} ms"
+    if result["batch"] > 1:
+        line += f" for a batch of {result['batch']}"
+    if (result["model_width"], result["model_height"]) != (width, height):
+        line += f", segmented at {result['model_width']}x{result['model_height']}"
+    return line + ")"

@@ -233,17 +233,121 @@ def test_predict_does_not_import_torch(exported, tmp_path):
     assert (tmp_path / "street_mask.png").is_file()
 
 
-def test_bench_infer_small(tmp_path, exported, monkeypatch):
+def test_bench_infer_small(tmp_path, monkeypatch):
     from memseg_bench.bench.infer import bench_infer
+    from memseg_bench.config import SyntheticConfig, config_from_dict
+    from memseg_bench.data.synthetic import generate_synthetic
+    from tests.test_int8_export import DATA, MODEL, write_model_file
 
-    reuse_export(monkeypatch, exported)
-    result = bench_infer(
-        str(exported["root"] / "model.pt"), "resnet18", size=64, repeats=2, threads=2
+    generate_synthetic(tmp_path / "data", SyntheticConfig(**DATA["synthetic"]))
+    write_model_file(tmp_path / "model.pt", tmp_path / "data")
+    images = tmp_path / "frames"
+    write_folder(images)
+    (images / "broken.png").unlink()
+    config = config_from_dict({"data": {**DATA, "root": str(tmp_path / "data")}, "model": MODEL})
+    [result] = bench_infer(
+        [str(tmp_path / "model.pt")], config, sizes=[(48, 48), None], repeats=2, threads=2,
+        folder=str(images),
+    )  # fmt: skip
+    assert [row["size"] for row in result["latency"]] == ["48x48", "32x32"]  # the protocol's
+    for row in result["latency"]:
+        assert row["eager_ms"] > 0 and row["ort_fp32_ms"] > 0 and row["ort_int8_ms"] > 0
+        assert row["int8_speedup_over_fp32"] == pytest.approx(
+            row["ort_fp32_ms"] / row["ort_int8_ms"], rel=1e-2
+        )
+        assert row["fp32_max_abs_diff"] < 1e-3
+    assert result["provider"] == "CPUExecutionProvider"
+    cost = result["int8_cost"]
+    assert cost["miou_drop"] == pytest.approx(
+        100 * (cost["fp32_miou"] - cost["int8_miou"]), abs=1e-3
     )
-    assert result["eager_ms"] > 0 and result["ort_ms"] > 0
-    assert result["ratio_eager_over_ort"] == pytest.approx(
-        result["eager_ms"] / result["ort_ms"], rel=1e-2
-    )
-    assert result["provider"] == "CPUExecutionProvider" and result["max_abs_diff"] < 1e-3
+    assert [row["model"] for row in result["folder"]] == ["fp32", "int8"]
+    for row in result["folder"]:
+        assert row["images"] == 6 and row["predict_images_per_s"] > 0
+        assert row["ratio"] == pytest.approx(
+            row["predict_images_per_s"] / row["session_images_per_s"]
+        )
     with pytest.raises(UserError, match="backbone"):
-        bench_infer(None, "vgg16", size=64, repeats=1, threads=1)
+        bench_infer([None], config, "vgg16", sizes=[(64, 64)], repeats=1, threads=1)
+
+
+def write_folder(folder: Path) -> None:
+    """Five 40x48 images, one 29x38 image between them, and one file that is not an image."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(3)
+    for name in ("a", "b", "d", "e", "f"):
+        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(
+            folder / f"{name}.png"
+        )
+    Image.fromarray(rng.integers(0, 256, (29, 38, 3), dtype=np.uint8)).save(folder / "c.jpg")
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+
+
+def test_predict_folder_with_batch_and_a_bad_file(exported, tmp_path):
+    from tests.project import memseg
+
+    write_folder(tmp_path / "in")
+    model = str(exported["onnx"])
+    runs = {}
+    for batch in ("1", "3"):
+        out = f"out{batch}"
+        runs[batch] = memseg(tmp_path, "predict", "in", "-o", out, "--model", model,
+                             "--provider", "cpu", "--batch", batch, check=False)  # fmt: skip
+        result = runs[batch]
+        assert result.returncode == 1, result.stdout + result.stderr
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert lines[0].startswith("skipped: ") and "broken.png" in lines[0]
+        assert lines[-1] == "error: 1 of 7 inputs are not readable images: in/broken.png"
+        stems = sorted(p.name for p in (tmp_path / out).glob("*_mask.png"))
+        assert stems == [f"{s}_mask.png" for s in "abcdef"]
+        assert "6 images in" in result.stdout and "images/s" in result.stdout
+    assert "for a batch of 3" in runs["3"].stdout  # a, b and d go together; c alone; then e and f
+    for mask in (tmp_path / "out1").glob("*_mask.png"):
+        one = np.asarray(Image.open(mask))
+        batched = np.asarray(Image.open(tmp_path / "out3" / mask.name))
+        assert one.shape == batched.shape
+        # The same model on a batch: the same classes up to float summation order.
+        assert (one == batched).mean() > 0.999
+
+
+def test_predict_returns_results_in_input_order_with_mixed_sizes(exported, tmp_path):
+    from memseg_bench.predict import predict
+
+    write_folder(tmp_path / "in")
+    (tmp_path / "in" / "broken.png").unlink()
+    results = predict([str(tmp_path / "in")], str(exported["onnx"]), str(tmp_path / "o"), "cpu",
+                      batch=4)  # fmt: skip
+    assert [Path(r["input"]).stem for r in results] == list("abcdef")
+    assert {r["batch"] for r in results} == {4, 1}
+    masks_only = predict([str(tmp_path / "in")], str(exported["onnx"]), str(tmp_path / "m"),
+                         "cpu", with_overlay=False)  # fmt: skip
+    assert {r["overlay"] for r in masks_only} == {None}
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == [f"{s}_mask.png" for s in "abcdef"]
+    with pytest.raises(UserError, match="--batch"):
+        predict([str(tmp_path / "in")], str(exported["onnx"]), None, "cpu", batch=0)
+
+
+def test_batches_group_by_size_and_bound_the_waiting_images():
+    from memseg_bench.predict_pipeline import Decoded, batches
+
+    sizes = [(4, 4), (4, 4), (6, 2), (4, 4), (6, 2), (5, 5), (5, 5), (5, 5), (5, 5), (4, 4)]
+    items = [
+        Decoded(i, Path(f"{i}.png"), np.zeros((*s, 3), np.uint8), np.zeros((*s, 3), np.uint8))
+        for i, s in enumerate(sizes)
+    ]
+    groups = list(batches(iter(items), 3))
+    assert sorted(i.position for g in groups for i in g) == list(range(len(items)))
+    for group in groups:
+        assert len({i.model_input.shape for i in group}) == 1 and 1 <= len(group) <= 3
+    assert [i.position for i in groups[0]] == [0, 1, 3]
+
+
+def test_class_ids_is_the_argmax_with_the_first_class_on_ties():
+    from memseg_bench.predict_pipeline import class_ids
+
+    logits = np.random.default_rng(0).normal(size=(5, 17, 23)).astype(np.float32)
+    logits[:, 0, 0] = 1.0  # a five-way tie
+    logits[3, 1, 1] = logits[1, 1, 1] = 9.0
+    ids = class_ids(logits)
+    assert ids.dtype == np.uint8
+    np.testing.assert_array_equal(ids, logits.argmax(0))

@@ -1,17 +1,20 @@
-"""Inference latency: PyTorch eager vs onnxruntime (CPU) on the same weights, same process."""
+"""Inference latency: PyTorch eager vs ONNX Runtime fp32 vs ONNX Runtime int8 on the same weights,
+in one process, at several sizes; the int8 model's mIoU cost; and `memseg predict`'s folder
+throughput against the bare session (memseg_bench/bench/folder.py)."""
 
 from __future__ import annotations
 
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from memseg_bench.errors import UserError
 
 WARMUP = 2
 RANDOM_INIT_CLASSES = 21
+CPU_PROVIDERS = ["CPUExecutionProvider"]
 
 
 def _median_ms(runs: list[Callable[[], object]], repeats: int) -> list[float]:
@@ -29,80 +32,228 @@ def _median_ms(runs: list[Callable[[], object]], repeats: int) -> list[float]:
     return [statistics.median(samples) for samples in times]
 
 
-def bench_infer(
+def protocol_size(config) -> tuple[int, int]:
+    """(height, width) of the first image of the protocol's evaluation split."""
+    from memseg_bench.data.datasets import open_dataset
+    from memseg_bench.fileio import read_image
+
+    index = open_dataset(config.data)
+    split = config.evaluate.split
+    ids = index.ids(split)
+    if not ids:
+        raise UserError(f"data.root {index.root}: the evaluation split {split!r} is empty")
+    return read_image(index.paths(split, ids[0])[0]).shape[:2]
+
+
+def _segmenter(model_file: str | None, backbone: str, config):
+    """(segmenter, description, config it belongs to, ONNX metadata): a trained model file, or a
+    random init."""
+    import torch
+
+    from memseg_bench.config import ModelConfig
+    from memseg_bench.export import metadata_for
+    from memseg_bench.models import BACKBONES, build_segmenter, load_segmenter
+
+    if model_file is not None:
+        segmenter, info = load_segmenter(model_file)
+        stored = info["config"]
+        described = f"{model_file} ({stored.model.arch} {stored.model.backbone})"
+        return segmenter, described, stored, metadata_for(info, segmenter.num_classes)
+    if backbone not in BACKBONES:
+        raise UserError(f"--backbone must be one of {list(BACKBONES)}, got {backbone!r}")
+    torch.manual_seed(0)
+    segmenter = build_segmenter(
+        ModelConfig(backbone=backbone), RANDOM_INIT_CLASSES, config.data.mean, config.data.std
+    )
+    metadata = {"producer": "memseg_bench"}
+    return segmenter.eval(), f"random-init deeplabv3plus {backbone}", config, metadata
+
+
+def _latencies(wrapper, sessions: dict, size: tuple[int, int], repeats: int) -> dict:
+    import numpy as np
+    import torch
+
+    image = torch.rand(1, 3, *size, generator=torch.Generator().manual_seed(0)) * 255
+    feed = {"image": image.numpy()}
+
+    def eager() -> object:
+        with torch.inference_mode():
+            return wrapper(image)
+
+    def onnx(session) -> Callable[[], object]:
+        return lambda: session.run(["logits"], feed)
+
+    eager_ms, fp32_ms, int8_ms = _median_ms(
+        [eager, onnx(sessions["fp32"]), onnx(sessions["int8"])], repeats
+    )
+    expected = eager().numpy()
+    (fp32,) = sessions["fp32"].run(["logits"], feed)
+    (int8,) = sessions["int8"].run(["logits"], feed)
+    return {
+        "size": f"{size[0]}x{size[1]}",
+        "eager_ms": round(eager_ms, 2),
+        "ort_fp32_ms": round(fp32_ms, 2),
+        "ort_int8_ms": round(int8_ms, 2),
+        "fp32_speedup_over_eager": round(eager_ms / fp32_ms, 3),
+        "int8_speedup_over_fp32": round(fp32_ms / int8_ms, 3),
+        "int8_speedup_over_eager": round(eager_ms / int8_ms, 3),
+        "fp32_max_abs_diff": float(np.abs(expected - fp32).max()),
+        # Agreement on this random input only; the evaluation split's is in int8_cost.
+        "int8_argmax_agreement": float((fp32.argmax(1) == int8.argmax(1)).mean()),
+    }
+
+
+def bench_model(
     model_file: str | None,
+    backbone: str,
+    config,
+    sizes: Sequence[tuple[int, int] | None],
+    repeats: int,
+    threads: int,
+    folder: Path | None = None,
+    tuning: bool = False,
+) -> dict:
+    """Latencies at each size (None: the protocol's); for a trained model the int8 mIoU cost, and
+    with `folder` predict's throughput on it."""
+    import torch
+
+    from memseg_bench.bench.folder import bench_folder, bench_tuning
+    from memseg_bench.export import FullResolution, Int8Export, export_model, int8_check
+    from memseg_bench.quantize import Int8Method, calibration_ids, calibration_images, quantize_int8
+    from memseg_bench.runtime import Tuning, create_session
+
+    segmenter, description, model_config, metadata = _segmenter(model_file, backbone, config)
+    wrapper = FullResolution(segmenter).eval()
+    sizes = [size or protocol_size(model_config) for size in sizes]
+    result: dict = {"model": description, "latency": [], "int8_cost": None, "folder": None}
+    with tempfile.TemporaryDirectory(prefix="memseg-bench-") as work:
+        paths = {"fp32": Path(work) / "fp32.onnx", "int8": Path(work) / "int8.onnx"}
+        export_model(wrapper, paths["fp32"], opset=18, metadata=metadata)
+        settings = config.export  # the params' int8 method, not the one stored at training
+        if model_file is not None:
+            int8 = Int8Export(
+                paths["int8"],
+                settings.int8_calibration_images,
+                settings.int8_calibration_seed,
+                settings.int8_max_miou_drop,
+                Int8Method(settings.int8_per_channel, settings.int8_calibrate_method),
+            )
+            cost = int8_check(paths["fp32"], paths["int8"], int8, model_config)
+            result["int8_cost"] = {
+                k: cost[k]
+                for k in ("eval_split", "fp32_miou", "int8_miou", "miou_drop", "pixel_agreement")
+            }
+        else:  # nothing to score an untrained model on: calibrate on the protocol's images
+            from memseg_bench.data.datasets import open_dataset
+
+            index = open_dataset(config.data)
+            ids = calibration_ids(index.ids("train"), settings.int8_calibration_images, 0)
+            images = calibration_images(index, ids, config.data.input_scale)
+            quantize_int8(paths["fp32"], paths["int8"], images, Int8Method())
+        sessions = {
+            name: create_session(path, CPU_PROVIDERS, Tuning(threads=threads))
+            for name, path in paths.items()
+        }
+        result["provider"] = sessions["fp32"].get_providers()[0]
+        with torch.inference_mode():
+            for size in sizes:
+                result["latency"].append(_latencies(wrapper, sessions, size, repeats))
+        if tuning:
+            result["tuning"] = {
+                name: bench_tuning(path, sizes, repeats, threads) for name, path in paths.items()
+            }
+        if folder is not None and model_file is not None:
+            result["folder"] = [
+                {"model": name, **bench_folder(path, folder, threads)}
+                for name, path in paths.items()
+            ]
+    return result
+
+
+def bench_infer(
+    model_files: Sequence[str | None],
+    config,
     backbone: str = "resnet50",
-    size: int = 512,
+    sizes: Sequence[tuple[int, int] | None] = ((512, 512), None),
     repeats: int = 10,
     threads: int = 2,
-) -> dict:
-    """Median latency (ms) of eager PyTorch and onnxruntime CPU at size x size, batch 1.
-
-    Without a model file a random-init DeepLabv3+ with `backbone` and 21 classes is used."""
-    import numpy as np
-    import onnxruntime as ort
+    folder: str | None = None,
+    tuning: bool = False,
+) -> list[dict]:
+    """bench_model for each model file (None: a random-init DeepLabv3+ with `backbone` and 21
+    classes), torch and onnxruntime both on `threads` threads; prints the tables."""
     import torch
-    from rich.console import Console
-
-    from memseg_bench.config import DataConfig, ModelConfig
-    from memseg_bench.export import FullResolution, export_model, ort_session
-    from memseg_bench.models import BACKBONES, build_segmenter, load_segmenter
 
     if repeats < 1:
         raise UserError(f"--repeats must be at least 1, got {repeats}")
-    if size < 32:
-        raise UserError(f"--size must be at least 32, got {size}")
+    for size in sizes:
+        if size is not None and min(size) < 32:
+            raise UserError(f"--size must be at least 32, got {size[0]}")
     if threads < 1:
         raise UserError(f"--threads must be at least 1, got {threads}")
-    if model_file is None:
-        if backbone not in BACKBONES:
-            raise UserError(f"--backbone must be one of {list(BACKBONES)}, got {backbone!r}")
-        data = DataConfig()
-        torch.manual_seed(0)
-        segmenter = build_segmenter(
-            ModelConfig(backbone=backbone), RANDOM_INIT_CLASSES, data.mean, data.std
-        ).eval()
-        description = f"random-init deeplabv3plus {backbone}"
-    else:
-        segmenter, info = load_segmenter(model_file)
-        config = info["config"]
-        description = f"{model_file} ({config.model.arch} {config.model.backbone})"
+    folder_path = None if folder is None else Path(folder)
+    if folder_path is not None and not folder_path.is_dir():
+        raise UserError(f"--folder {folder}: not a folder")
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        wrapper = FullResolution(segmenter).eval()
-        image = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0)) * 255
-        with tempfile.TemporaryDirectory(prefix="memseg-bench-") as folder:
-            path = Path(folder) / "model.onnx"
-            export_model(wrapper, path, opset=18, metadata={"producer": "memseg_bench"})
-            session = ort_session(path, ["CPUExecutionProvider"], threads=threads)
-            feed = {"image": image.numpy()}
-
-            def eager() -> object:
-                with torch.inference_mode():
-                    return wrapper(image)
-
-            def onnx() -> object:
-                return session.run(["logits"], feed)
-
-            eager_ms, ort_ms = _median_ms([eager, onnx], repeats)
-            max_diff = float(np.abs(eager().numpy() - onnx()[0]).max())
-            provider = session.get_providers()[0]
+        results = [
+            bench_model(
+                model, backbone, config, sizes, repeats, threads, folder_path, tuning=tuning
+            )
+            for model in model_files
+        ]
     finally:
         torch.set_num_threads(previous_threads)
-    result = {
-        "model": description,
-        "size": size,
-        "batch": 1,
-        "threads": threads,
-        "repeats": repeats,
-        "eager_ms": round(eager_ms, 2),
-        "ort_ms": round(ort_ms, 2),
-        "ratio_eager_over_ort": round(eager_ms / ort_ms, 3),
-        "provider": provider,
-        "max_abs_diff": max_diff,
-        "torch": torch.__version__,
-        "onnxruntime": ort.__version__,
-    }
-    Console(highlight=False).print(result)
-    return result
+    print_results(results, threads)
+    return results
+
+
+def print_results(results: list[dict], threads: int) -> None:
+    import onnxruntime as ort
+    import torch
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(highlight=False, width=200)
+    console.print(
+        f"torch {torch.__version__}, onnxruntime {ort.__version__}, {threads} threads, batch 1, "
+        f"provider {results[0]['provider']}"
+    )
+    latency = Table("model", "size", "eager ms", "ORT fp32 ms", "ORT int8 ms", "fp32/eager",
+                    "int8/fp32", "int8/eager")  # fmt: skip
+    for result in results:
+        for row in result["latency"]:
+            latency.add_row(
+                result["model"], row["size"], f"{row['eager_ms']:.1f}", f"{row['ort_fp32_ms']:.1f}",
+                f"{row['ort_int8_ms']:.1f}", f"{row['fp32_speedup_over_eager']:.2f}x",
+                f"{row['int8_speedup_over_fp32']:.2f}x", f"{row['int8_speedup_over_eager']:.2f}x",
+            )  # fmt: skip
+    console.print(latency)
+    for result in results:
+        cost = result["int8_cost"]
+        if cost is not None:
+            console.print(
+                f"{result['model']}: mIoU on {cost['eval_split']} {100 * cost['fp32_miou']:.2f} "
+                f"(fp32) -> {100 * cost['int8_miou']:.2f} (int8), cost {cost['miou_drop']:+.2f} "
+                f"points, pixel agreement {cost['pixel_agreement']:.4f}"
+            )
+        for name, rows in result.get("tuning", {}).items():
+            table = Table("session option", *[row["size"] for row in rows[0]["by_size"]])
+            for variant in rows:
+                table.add_row(
+                    variant["variant"], *[f"{r['ms']:.2f} ms" for r in variant["by_size"]]
+                )
+            console.print(f"{result['model']} ORT {name}: session options")
+            console.print(table)
+        if result["folder"]:
+            table = Table("model", "images", "session images/s", "predict images/s", "ratio",
+                          "--no-overlay images/s", "ratio")  # fmt: skip
+            for row in result["folder"]:
+                table.add_row(
+                    row["model"], str(row["images"]), f"{row['session_images_per_s']:.1f}",
+                    f"{row['predict_images_per_s']:.1f}", f"{row['ratio']:.3f}",
+                    f"{row['masks_only_images_per_s']:.1f}", f"{row['masks_only_ratio']:.3f}",
+                )  # fmt: skip
+            console.print(f"{result['model']}: folder {result['folder'][0]['folder']}")
+            console.print(table)
