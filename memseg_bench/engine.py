@@ -19,6 +19,7 @@ from .errors import UserError
 from .fileio import write_json, write_text
 from .methods.method import Method
 from .runs import RunSpec, device_name, git_commit, peak_memory, seed_everything
+from .timing import labeled_images_per_s
 
 
 @dataclass
@@ -219,7 +220,6 @@ class Trainer:
         self.losses = self.method.losses
         self.step = 0
         self.elapsed = 0.0
-        self.images_seen = 0
         self.curve = Curve()
         self.best_val: dict | None = None
 
@@ -252,7 +252,6 @@ class Trainer:
             "curve": self.curve.rows,
             "bank_curve": self.curve.bank_rows,
             "elapsed": self.elapsed,
-            "images_seen": self.images_seen,
             "best_val": self.best_val,
             "config": config_to_dict(self.config),
             "config_hash": config_hash(self.config),
@@ -294,7 +293,6 @@ class Trainer:
         self.curve = Curve(state["curve"], state["bank_curve"])
         self.step = state["step"]
         self.elapsed = state["elapsed"]
-        self.images_seen = state["images_seen"]
         self.best_val = state["best_val"]
         return True
 
@@ -349,7 +347,6 @@ class Trainer:
             with autocast:
                 after_logs = self.method.after_step(self.ctx, student, self.step)
         self.step += 1
-        self.images_seen += labeled["image"].shape[0] * self.dist.world_size
         logs = {f"loss_{name}": value.detach() for name, value in terms.items()}
         logs["loss"] = loss.detach()
         logs["lr"] = torch.tensor(lr)
@@ -442,7 +439,9 @@ class Trainer:
                 if self.step % train.log_every == 0 or last or validating:
                     now = time.perf_counter()
                     seconds = now - window_start
-                    rate = window_steps * train.batch_labeled / seconds
+                    rate = labeled_images_per_s(
+                        window_steps, train.batch_labeled, self.dist.world_size, seconds
+                    )
                     self.log(logs, rate)
                     bar.update(
                         task,
@@ -461,6 +460,8 @@ class Trainer:
         return self.finish()
 
     def finish(self) -> dict:
+        batch = self.config.train.batch_labeled
+        images_per_s = labeled_images_per_s(self.step, batch, self.dist.world_size, self.elapsed)
         summary = {
             "run": self.spec.name,
             "method": self.spec.method,
@@ -473,7 +474,7 @@ class Trainer:
             "best_val": self.best_val,
             "compute": {
                 "wall_time_s": round(self.elapsed, 3),
-                "images_per_s": round(self.images_seen / max(self.elapsed, 1e-9), 3),
+                "images_per_s": round(images_per_s, 3),
                 **peak_memory(self.device),
                 "device": device_name(self.device),
                 "world_size": self.dist.world_size,

@@ -467,8 +467,9 @@ def compute_table(records: Sequence[dict], methods_order: Sequence[str] = DEFAUL
             rows.append([label, str(n), str(len(runs)), f"{entry['wall_time_s']:.1f}",
                          f"{entry['images_per_s']:.1f}", f"{entry['peak_memory_mb']:.0f}",
                          entry["memory_kind"], entry["device"], entry["torch"]])  # fmt: skip
-    header = ["method", "labeled", "runs", "train wall time (s, mean)", "images/s (mean)",
-              "peak memory (MB, max)", "memory kind", "device", "torch"]  # fmt: skip
+    header = ["method", "labeled", "runs", "train wall time (s, mean)",
+              "labeled images/s (mean, all ranks)", "peak memory (MB, max)", "memory kind",
+              "device", "torch"]  # fmt: skip
     notes = [f"Training cost per run; protocol `{pid}`."]
     return Table(f"Compute: {pid}", header, [(None, rows)], notes), summary
 

@@ -10,6 +10,12 @@ from contextlib import contextmanager
 import torch
 
 
+def labeled_images_per_s(steps: int, batch_labeled: int, world_size: int, seconds: float) -> float:
+    """Training throughput as every table states it: labeled images per second over all ranks
+    (unlabeled images, teacher passes and views are work per labeled image, not images)."""
+    return steps * batch_labeled * world_size / max(seconds, 1e-9)
+
+
 class PhaseTimer:
     def __init__(self, device: torch.device | None = None, enabled: bool = False):
         self.device = device

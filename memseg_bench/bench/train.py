@@ -17,6 +17,7 @@ import torch
 from memseg_bench.config import Config
 from memseg_bench.data.random_batches import RandomBatches
 from memseg_bench.runs import make_spec
+from memseg_bench.timing import labeled_images_per_s
 
 CLASS_COUNTS = {"voc": 21, "cityscapes": 19, "camvid": 11, "synthetic": 6, "folder": 11}
 PHASES = (
@@ -98,7 +99,7 @@ def time_method(config: Config, method: str, steps: int, warmup: int) -> dict:
         "method": method,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "step_s": step_s,
-        "images_per_s": (train.batch_labeled + train.batch_unlabeled) / step_s,
+        "images_per_s": labeled_images_per_s(1, train.batch_labeled, 1, step_s),
         "phases_s": phases,
         "phase_share": {name: value * steps / total for name, value in phases.items()},
         **memory,
@@ -162,7 +163,7 @@ def bench_train(
     _print_table(
         f"{method} step breakdown, {config.model.arch}-{config.model.backbone}, crop {train.crop}, "
         f"{train.batch_labeled}+{train.batch_unlabeled} images, amp {config.train.amp}, "
-        f"{result['device']}: {result['images_per_s']:.2f} images/s, "
+        f"{result['device']}: {result['images_per_s']:.2f} labeled images/s, "
         f"peak {result['peak_memory_mb']:.0f} MB ({result['memory_kind']})",
         rows,
     )
