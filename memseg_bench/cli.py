@@ -83,7 +83,7 @@ def evaluate(
     metrics_dir: Path = typer.Option(Path("reports/metrics")),
 ) -> None:
     """Score a trained run on its evaluation split; writes reports/metrics/<run>.json."""
-    from memseg_bench.evaluation_run import evaluate_run
+    from memseg_bench.evaluate_stage import evaluate_run
 
     result = evaluate_run(run, metrics_dir)
     typer.echo(f"{result['run']}: mIoU {100 * result['miou']:.2f}")

@@ -371,7 +371,7 @@ class Trainer:
             self.curve.write(self.curve_path, self.bank_curve_path)
 
     def validate(self) -> None:
-        from .evaluate import score_split
+        from .scoring import score_split
 
         if self.dist.is_main:
             scores = score_split(

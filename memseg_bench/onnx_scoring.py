@@ -49,7 +49,7 @@ class SessionSegmenter:
 def score_session(session, config, reference=None) -> tuple[dict, float | None]:
     """(scores of `session` on config's evaluation split, pixel agreement with `reference`)."""
     from memseg_bench.data.datasets import open_dataset
-    from memseg_bench.evaluate import score_split
+    from memseg_bench.scoring import score_split
 
     index = open_dataset(config.data)
     segmenter = SessionSegmenter(session, reference)

@@ -63,8 +63,10 @@ stages:
       - memseg_bench/checkpoint.py
       - memseg_bench/distributed.py
       - memseg_bench/config.py
-      - memseg_bench/evaluate.py
+      - memseg_bench/scoring.py
       - memseg_bench/metrics.py
+      - memseg_bench/labels.py
+      - memseg_bench/timing.py
       - memseg_bench/methods
       - memseg_bench/models
       - memseg_bench/data
@@ -109,8 +111,8 @@ stages:
       --metrics-dir reports/@NAME@/metrics
     deps:
       - runs_@NAME@/${item.method}-n${item.n}-s${item.seed}
-      - memseg_bench/evaluation_run.py
-      - memseg_bench/evaluate.py
+      - memseg_bench/evaluate_stage.py
+      - memseg_bench/scoring.py
       - memseg_bench/metrics.py
     outs:
       - reports/@NAME@/metrics/${item.method}-n${item.n}-s${item.seed}.json:
@@ -127,8 +129,8 @@ stages:
         --metrics-dir reports/@NAME@/metrics
       deps:
         - runs_@NAME@/supervised-n${sweep.full_n_labeled}-s${item}
-        - memseg_bench/evaluation_run.py
-        - memseg_bench/evaluate.py
+        - memseg_bench/evaluate_stage.py
+        - memseg_bench/scoring.py
         - memseg_bench/metrics.py
       outs:
         - reports/@NAME@/metrics/supervised-n${sweep.full_n_labeled}-s${item}.json:
@@ -145,7 +147,7 @@ stages:
       - reports/@NAME@/metrics
       - reports/@NAME@/curves
       - runs_@NAME@
-      - memseg_bench/report.py
+      - memseg_bench/tables.py
       - memseg_bench/report_stage.py
       - memseg_bench/protocol_checks.py
       - memseg_bench/figures.py

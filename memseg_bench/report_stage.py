@@ -17,8 +17,8 @@ def grid_rows(config: Config, runs_dir: Path) -> tuple[list[dict], list[str], li
     import torch
 
     from memseg_bench.data.datasets import load_sample, open_dataset
-    from memseg_bench.evaluate import logits_for_image
     from memseg_bench.models import load_segmenter
+    from memseg_bench.scoring import logits_for_image
 
     index = open_dataset(config.data)
     split = config.evaluate.split
@@ -71,9 +71,9 @@ def write_reports(
     readme_block: str = "results",
 ) -> dict:
     from memseg_bench import figures
-    from memseg_bench.evaluation_run import protocol
+    from memseg_bench.evaluate_stage import protocol
     from memseg_bench.protocol_checks import describe, protocol_checks
-    from memseg_bench.report import build_report
+    from memseg_bench.tables import build_report
 
     tables = out_dir / "tables"
     figures_dir = out_dir / "figures"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from memseg_bench.report import build_report
+from memseg_bench.tables import build_report
 
 ROOT = Path(__file__).resolve().parents[1]
 REPORTS = [ROOT / "reports", ROOT / "reports" / "camvid"]

@@ -20,7 +20,7 @@ from memseg_bench.models.efficientnet_lite import (
     SameConv2d,
     packaged_weights_path,
 )
-from memseg_bench.tv import tv_models
+from memseg_bench.torchvision_shim import tv_models
 
 CAMVID = Path(__file__).resolve().parents[2] / "shared" / "data" / "camvid_small"
 LITE_MEAN, LITE_STD = (127.0,) * 3, (128.0,) * 3

@@ -3,8 +3,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from memseg_bench.evaluate import _starts, evaluate_segmenter, logits_for_image
 from memseg_bench.metrics import confusion_matrix, scores
+from memseg_bench.scoring import _starts, evaluate_segmenter, logits_for_image
 
 
 class PixelSegmenter(nn.Module):
@@ -164,7 +164,7 @@ def test_evaluate_half_resolution_input_full_resolution_label():
 def test_score_split_uses_the_protocols_batch_and_scale(batch, tmp_path):
     from memseg_bench.config import config_from_dict
     from memseg_bench.data.datasets import open_dataset
-    from memseg_bench.evaluate import score_split
+    from memseg_bench.scoring import score_split
     from tests.fakes import make_folder
 
     make_folder(tmp_path, counts={"train": 2, "val": 6}, size=(8, 12), num_classes=3)

@@ -7,7 +7,7 @@ from memseg_bench.config import Config, ModelConfig, config_hash, config_to_dict
 from memseg_bench.errors import UserError
 from memseg_bench.models import ClassSelectors, build_heads, build_segmenter, load_segmenter
 from memseg_bench.models.backbones import build_backbone
-from memseg_bench.tv import tv_models
+from memseg_bench.torchvision_shim import tv_models
 
 MEAN = (123.675, 116.28, 103.53)
 STD = (58.395, 57.12, 57.375)

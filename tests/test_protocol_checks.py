@@ -7,7 +7,7 @@ import torch
 from memseg_bench.config import ReportConfig
 from memseg_bench.methods.selftrain import pseudo_label_quality
 from memseg_bench.protocol_checks import describe, last_part_gain, protocol_checks
-from memseg_bench.report import paired_gain, stats
+from memseg_bench.tables import paired_gain, stats
 
 
 def curve(values, every=40):

@@ -382,7 +382,7 @@ def foreign_file(run: Path, form: str) -> Path:
 @pytest.mark.parametrize("form", ["other protocol", "state dict", "plain pickle"])
 def test_model_file_of_another_protocol_is_named(tmp_path, form):
     from memseg_bench.errors import UserError
-    from memseg_bench.evaluation_run import evaluate_run
+    from memseg_bench.evaluate_stage import evaluate_run
 
     run = tmp_path / "runs" / RUN
     path = other_protocol_run(run) if form == "other protocol" else foreign_file(run, form)

@@ -5,7 +5,7 @@ import re
 import pytest
 
 from memseg_bench.errors import UserError
-from memseg_bench.report import (
+from memseg_bench.tables import (
     ProtocolMixError,
     build_report,
     group_by_protocol,

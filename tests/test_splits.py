@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 
 from memseg_bench.config import available_presets, config_from_dict
+from memseg_bench.data.split_registry import build_registry
 from memseg_bench.data.splits import (
-    build_registry,
     draw_split,
     load_split,
     read_ids,

@@ -189,13 +189,13 @@ def bank_update_ours(inputs: Inputs, heads: dict, k: int):
     import torch
 
     from memseg_bench.methods.memory_bank import best_per_class, insert, quality_mask
-    from memseg_bench.models.heads import only
+    from memseg_bench.models.heads import group_ids_where
 
     with torch.no_grad():
         labels = inputs.teacher_labels
         keep = quality_mask(labels, inputs.teacher_pred, inputs.teacher_conf)
         classes = torch.where(keep, labels, torch.full_like(labels, IGNORE))
-        projected = heads["teacher_projection"](inputs.teacher_features, only(keep))
+        projected = heads["teacher_projection"](inputs.teacher_features, group_ids_where(keep))
         scores = heads["teacher_selectors"](projected, classes)
         best = best_per_class(projected, classes, scores, k, inputs.bank["count"].shape[0], True)
         inputs.bank = insert(inputs.bank, *best, k, "highest")

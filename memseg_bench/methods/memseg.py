@@ -26,7 +26,7 @@ from memseg_bench.methods.memory_bank import (
     random_keys,
 )
 from memseg_bench.methods.method import Method
-from memseg_bench.models.heads import only
+from memseg_bench.models.heads import group_ids_where
 
 
 def rank_order(ctx: StepContext) -> str:
@@ -53,7 +53,7 @@ def pixel_term(ctx: StepContext, features: torch.Tensor, labels: torch.Tensor, m
     Ignored pixels stay in the tensors, out of the heads' statistics and of the loss."""
     heads = ctx.model["heads"]
     classes = labels_at(labels, features.shape[-2:]).flatten()
-    valid = only(classes != IGNORE)
+    valid = group_ids_where(classes != IGNORE)
     embedded = heads["prediction"](heads["projection"](flatten_pixels(features), valid), valid)
     scores = None
     if ctx.config.methods.memseg.feature_weights:
@@ -106,7 +106,7 @@ def bank_candidates(ctx: StepContext, images: torch.Tensor, labels: torch.Tensor
     )
     classes = torch.where(keep, labels, torch.full_like(labels, IGNORE))
     heads = ctx.teacher["heads"]
-    projected = heads["projection"](flatten_pixels(features), only(keep))
+    projected = heads["projection"](flatten_pixels(features), group_ids_where(keep))
     if rank_order(ctx) == "random":
         keys = random_keys(projected.shape[0], projected, ctx.generator)
     else:

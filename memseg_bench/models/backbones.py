@@ -13,7 +13,7 @@ from torch import nn
 
 from memseg_bench.errors import UserError, first_line
 from memseg_bench.models.efficientnet_lite import EfficientNetLite0Backbone, packaged_weights_path
-from memseg_bench.tv import tv_models
+from memseg_bench.torchvision_shim import tv_models
 
 BACKBONES = ("resnet18", "resnet50", "resnet101", "mobilenet_v3_large", "efficientnet_lite0")
 # Keys of the classification heads, ignored when loading backbone weights.

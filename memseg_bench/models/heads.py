@@ -16,7 +16,7 @@ def pixel_head(in_dim: int, dim: int, form: str = "auto") -> GroupedMLP:
     return GroupedMLP(1, in_dim, dim, dim, "relu", form=form)
 
 
-def only(valid: torch.Tensor) -> torch.Tensor:
+def group_ids_where(valid: torch.Tensor) -> torch.Tensor:
     """Group ids for a pixel head: 0 where valid, -1 (left out) elsewhere."""
     return valid.long() - 1
 

@@ -4,7 +4,7 @@ import sys
 
 def test_torchvision_models_import_through_the_shim():
     code = (
-        "from memseg_bench.tv import tv_models\n"
+        "from memseg_bench.torchvision_shim import tv_models\n"
         "m = tv_models().resnet18()\n"
         "print(sum(p.numel() for p in m.parameters()))\n"
     )
@@ -15,7 +15,7 @@ def test_torchvision_models_import_through_the_shim():
 def test_shim_declares_nms_schema_only_when_needed():
     import torch
 
-    from memseg_bench.tv import import_torchvision
+    from memseg_bench.torchvision_shim import import_torchvision
 
     torchvision = import_torchvision()
     assert torch._C._dispatch_has_kernel_for_dispatch_key is not None

@@ -42,7 +42,7 @@ REPORTED: tuple[dict, ...] = (
 )  # fmt: skip
 
 
-def reported_for(
+def published_cells(
     dataset: str, arch: str, backbone: str, n_labeled: list[int] | tuple[int, ...] | None = None
 ) -> list[dict]:
     """The quoted cells of one protocol (dataset + arch + backbone), optionally only at the given

@@ -19,7 +19,7 @@ import pandas as pd
 
 from memseg_bench.errors import UserError
 from memseg_bench.fileio import read_json, write_text
-from memseg_bench.reported import reported_for
+from memseg_bench.published import published_cells
 from memseg_bench.run_metrics import check_metrics
 
 DEFAULT_ORDER = ("supervised", "selftrain", "memseg")
@@ -340,7 +340,7 @@ def main_table(records: Sequence[dict], methods_order: Sequence[str] = DEFAULT_O
             if n in row and n in base:
                 gains.setdefault(name, {})[n] = paired_gain(row[n], base[n])
         gain_rows.append([name] + [format_gain(gains.get(name, {}).get(n)) for n in counts])
-    quoted = reported_for(proto["dataset"], proto["arch"], proto["backbone"], counts)
+    quoted = published_cells(proto["dataset"], proto["arch"], proto["backbone"], counts)
     quoted_rows = []
     for method in dict.fromkeys(entry["method"] for entry in quoted):
         by_n = {e["n_labeled"]: e["miou"] for e in quoted if e["method"] == method}

@@ -47,8 +47,8 @@ def _sha256(path: Path) -> str:
 
 
 def _score(model_file: Path, config: Config, index, split: str, device) -> dict:
-    from memseg_bench.evaluate import score_split
     from memseg_bench.models import load_segmenter
+    from memseg_bench.scoring import score_split
 
     segmenter, _ = load_segmenter(model_file)
     return score_split(segmenter.to(device), index, split, config, device)
