@@ -72,6 +72,15 @@ class ModelConfig:
     decoder_channels: int = 256
     # Width of the projection/prediction heads and of the memory bank vectors (D).
     feature_dim: int = 256
+    # How many of the DeepLabv2 classifier branches (rates 6, 12, 18, 24) are summed.
+    v2_branches: int = 4
+    # frozen: the backbone's BatchNorm weight and bias get requires_grad=False (no update, no
+    # weight decay); their running statistics still follow train.freeze_bn.
+    backbone_bn_affine: Literal["trained", "frozen"] = "trained"
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.v2_branches <= 4:
+            raise UserError(f"params: 'model.v2_branches' must be 1..4, got {self.v2_branches}")
 
 
 @dataclass(frozen=True)
@@ -90,6 +99,11 @@ class AugmentConfig:
     blur_sigma: tuple[float, float] = (0.1, 1.5)
     # Drop the background class (id 0) from ClassMix candidates unless it is alone (VOC).
     classmix_drop_background: bool = False
+    # per_image: every decision (ClassMix, jitter, blur, scale, flip) is drawn for each image;
+    # per_batch: once per batch, and each strong view of the unlabeled batch is its own batch.
+    draws: Literal["per_image", "per_batch"] = "per_image"
+    # anisotropic: separate horizontal and vertical sigmas.
+    blur_shape: Literal["isotropic", "anisotropic"] = "isotropic"
     labeled: AugmentSide = field(default_factory=AugmentSide)
     unlabeled: AugmentSide = field(
         default_factory=lambda: AugmentSide(
@@ -110,7 +124,8 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     poly_power: float = 0.9
-    # The reference listed every parameter several times in the optimiser ([official]).
+    # The code behind the published numbers listed every parameter several times in the
+    # optimiser (about 3x the effective LR).
     lr_multiplier: float = 1.0
     deterministic: bool = True
     threads: int = 0
@@ -152,6 +167,14 @@ class SelfTrainConfig:
     # reference starts it with the contrastive loss: keep it equal to memseg.contrastive_start).
     class_weights: bool = False
     class_weights_start: int = 2000
+    # train: the teacher predicts with batch statistics and active dropout; eval: running stats.
+    teacher_mode: Literal["eval", "train"] = "eval"
+    # unmasked: mean over every pixel of the views, padding included; masked: mean over pixels
+    # whose pseudo-label is not ignore; broadcast: the unmasked mean times the batch size.
+    entropy: Literal["unmasked", "masked", "broadcast"] = "unmasked"
+    # joint: one student forward on labeled images and views together (shared BatchNorm
+    # statistics); separate: views first, then the labeled batch.
+    student_forward: Literal["joint", "separate"] = "joint"
 
 
 @dataclass(frozen=True)
@@ -165,13 +188,28 @@ class MemSegConfig:
     quality_threshold: float = 0.95
     feature_weights: bool = True
     ranked_insertion: bool = True
-    # auto follows methods.behaviour: paper keeps the highest scores, official the lowest.
-    rank_order: Literal["auto", "highest", "lowest"] = "auto"
+    # Which selector scores a class's candidates keep when it has more than K of them.
+    rank_order: Literal["highest", "lowest"] = "highest"
+    # ranked: a class with at most K candidates inserts them in rank order too; pixel: in pixel
+    # order (what falls off the FIFO later differs).
+    few_candidates_order: Literal["ranked", "pixel"] = "ranked"
+    # selector: memory-side weights from S'_c; uniform: every memory weight is 1 (S'_c inert).
+    memory_weights: Literal["selector", "uniform"] = "selector"
+    # What S'_c reads: the stored rows as they are, or L2-normalised.
+    memory_selector_input: Literal["raw", "normalised"] = "raw"
+    # after_step: the bank takes this step's labeled features after the optimiser and EMA steps;
+    # before_loss: before this step's contrastive loss (with the teacher of the previous step).
+    memory_update: Literal["after_step", "before_loss"] = "after_step"
+    # features: the quality filter compares the teacher's argmax with the labels at feature
+    # resolution; crop: argmax of the logits upsampled to crop size (align_corners=True), then
+    # nearest-downsampled.
+    quality_resolution: Literal["features", "crop"] = "features"
     k_rule: Literal["cityscapes", "voc"] = "cityscapes"
 
 
 @dataclass(frozen=True)
 class MethodsConfig:
+    # A preset of the knobs in BEHAVIOURS; values given explicitly win over it.
     behaviour: Literal["paper", "official"] = "paper"
     selftrain: SelfTrainConfig = field(default_factory=SelfTrainConfig)
     memseg: MemSegConfig = field(default_factory=MemSegConfig)
@@ -341,6 +379,48 @@ def _read_yaml(path: Path, what: str) -> dict:
     return data
 
 
+# methods.behaviour: the knob values of each behaviour (docs/fidelity.md lists them all). paper is
+# what the paper states, and our own choice where it is silent; official is the reference code.
+BEHAVIOURS: dict[str, dict] = {
+    "paper": {},
+    "official": {
+        "model": {"v2_branches": 2, "backbone_bn_affine": "frozen"},
+        "train": {"augment": {"draws": "per_batch", "blur_shape": "anisotropic"}},
+        "methods": {
+            "selftrain": {
+                "teacher_mode": "train",
+                "entropy": "masked",
+                "student_forward": "separate",
+            },
+            "memseg": {
+                "rank_order": "lowest",
+                "few_candidates_order": "pixel",
+                "memory_weights": "uniform",
+                "memory_selector_input": "normalised",
+                "memory_update": "before_loss",
+                "quality_resolution": "crop",
+            },
+        },
+    },
+}
+
+
+def _with_behaviour(values: dict) -> dict:
+    """The knob values of methods.behaviour under the given values (which win)."""
+    methods = values.get("methods")
+    behaviour = methods.get("behaviour", "paper") if isinstance(methods, dict) else "paper"
+    if behaviour not in BEHAVIOURS:
+        raise UserError(
+            f"params: 'methods.behaviour' must be one of {list(BEHAVIOURS)}, got {behaviour!r}"
+        )
+    memseg = methods.get("memseg") if isinstance(methods, dict) else None
+    if isinstance(memseg, dict) and memseg.get("rank_order") == "auto":
+        # Configs stored before the knobs existed say `auto`: the behaviour decides.
+        memseg = {key: value for key, value in memseg.items() if key != "rank_order"}
+        values = {**values, "methods": {**methods, "memseg": memseg}}
+    return deep_merge(BEHAVIOURS[behaviour], values)
+
+
 def available_presets() -> list[str]:
     return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
 
@@ -359,7 +439,7 @@ def config_from_dict(values: dict) -> Config:
             if key in layered:
                 raise UserError(f"preset file {preset}.yaml: key '{key}' belongs in params.yaml")
     layered = deep_merge(layered, values)
-    return _build(Config, layered)
+    return _build(Config, _with_behaviour(layered))
 
 
 def load_config(path: str | Path = "params.yaml", overrides: dict | None = None) -> Config:
@@ -387,7 +467,3 @@ def config_hash(config: Config) -> str:
 
 def dump_config(config: Config) -> str:
     return yaml.safe_dump(config_to_dict(config), sort_keys=False)
-
-
-def is_official(config: Config) -> bool:
-    return config.methods.behaviour == "official"

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from . import checkpoint, distributed
-from .config import Config, config_hash, config_to_dict, dump_config, is_official
+from .config import Config, config_hash, config_to_dict, dump_config
 from .errors import UserError
 from .fileio import write_json, write_text
 from .methods.method import Method
@@ -66,9 +66,7 @@ def make_optimizer(parameters, train) -> torch.optim.Optimizer:
 def build_models(config: Config, method: Method, num_classes: int, device: torch.device):
     from .models import build_heads, build_segmenter
 
-    net = build_segmenter(
-        config.model, num_classes, config.data.mean, config.data.std, official=is_official(config)
-    )
+    net = build_segmenter(config.model, num_classes, config.data.mean, config.data.std)
     if config.train.bn_momentum is not None:
         for module in net.modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm):

@@ -79,14 +79,14 @@ def test_deeplabv2_resnet101_at_stride_8():
     assert net.feature_channels == 2048
 
 
-def _v2(official: bool) -> torch.nn.Module:
-    cfg = ModelConfig(arch="deeplabv2", backbone="resnet18", output_stride=8)
-    return build_segmenter(cfg, 3, MEAN, STD, official=official).eval()
+def _v2(branches: int) -> torch.nn.Module:
+    cfg = ModelConfig(arch="deeplabv2", backbone="resnet18", output_stride=8, v2_branches=branches)
+    return build_segmenter(cfg, 3, MEAN, STD).eval()
 
 
-def test_official_deeplabv2_sums_only_rates_6_and_12():
+def test_v2_branches_2_sums_only_rates_6_and_12():
     torch.manual_seed(0)
-    paper, official = _v2(False), _v2(True)
+    paper, official = _v2(4), _v2(2)
     official.load_state_dict(paper.state_dict())
     x = images(1, 48)
     with torch.no_grad():
@@ -102,6 +102,25 @@ def test_official_deeplabv2_sums_only_rates_6_and_12():
     torch.testing.assert_close(before_official, manual)
     assert (after_paper - before_paper).abs().max() > 1e-3
     assert (before_paper - before_official).abs().max() > 1e-6
+
+
+def test_backbone_bn_affine_frozen_keeps_the_backbone_batchnorm_weights():
+    def batchnorm_grads(affine: str):
+        torch.manual_seed(0)
+        cfg = ModelConfig(backbone="resnet18", decoder_channels=16, backbone_bn_affine=affine)
+        net = build_segmenter(cfg, 3, MEAN, STD).train()
+        logits, _ = net(images(2, 32))
+        logits.square().mean().backward()
+        backbone = [m for m in net.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        head = [m for m in net.head.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        return backbone, head
+
+    backbone, head = batchnorm_grads("frozen")
+    assert backbone and all(not m.weight.requires_grad and m.weight.grad is None for m in backbone)
+    assert all(m.bias.grad is None for m in backbone)
+    assert all(m.weight.grad is not None for m in head)  # only the backbone's are frozen
+    backbone, _ = batchnorm_grads("trained")
+    assert all(m.weight.grad is not None and m.bias.grad is not None for m in backbone)
 
 
 def test_dilation_matches_torchvision_replace_stride_with_dilation():

@@ -3,8 +3,8 @@ resampling (random scale + horizontal flip) and ClassMix, for a whole batch at o
 
 Images are float RGB in 0..255 [B, 3, H, W]; labels long [B, H, W] with 255 = ignore; the
 teacher confidence [B, H, W] (optional) follows the labels. Every random number comes from the
-given torch.Generator; `per_image=False` (the reference's behaviour) draws every decision once per
-batch. No host synchronisation.
+given torch.Generator; `per_image=False` draws every decision once per batch. No host
+synchronisation.
 """
 
 from __future__ import annotations
@@ -164,6 +164,7 @@ def augment(
     blur_sigma: tuple[float, float],
     generator: torch.Generator,
     per_image: bool = True,
+    anisotropic_blur: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Colour jitter, blur, then one affine resampling (scale + flip) per image.
 
@@ -180,8 +181,9 @@ def augment(
         if side.blur_prob > 0:
             apply_blur = draws[:, 5] < side.blur_prob
             sigma_x = _uniform(blur_sigma[0], blur_sigma[1], draws[:, 6])
-            # paper: isotropic sigma per image; official: one anisotropic kernel per batch.
-            sigma_y = sigma_x if per_image else _uniform(blur_sigma[0], blur_sigma[1], draws[:, 7])
+            sigma_y = sigma_x
+            if anisotropic_blur:
+                sigma_y = _uniform(blur_sigma[0], blur_sigma[1], draws[:, 7])
             radius = math.ceil(3.0 * max(blur_sigma))
             blurred = gaussian_blur(images, sigma_x, sigma_y, radius)
             images = torch.where(apply_blur[:, None, None, None], blurred, images)

@@ -32,12 +32,26 @@ def pseudo_labels(ctx: StepContext, images: torch.Tensor) -> tuple[torch.Tensor,
 
 
 def strong_views(ctx: StepContext, images, labels, confidence, step: int):
-    """Two independently augmented views of each unlabeled image (image, pseudo-label and p)."""
+    """Two independently augmented views of each unlabeled image (image, pseudo-label and p).
+
+    Per-image draws augment both views as one batch; per-batch draws augment each view as its own
+    batch, so the two views still get their own ClassMix decision and their own draws."""
     settings = ctx.config.train.augment
     selftrain = ctx.config.methods.selftrain
-    per_image = not ctx.official
-    images, labels, confidence = (torch.cat([t, t]) for t in (images, labels, confidence))
     mix_prob = settings.unlabeled.classmix_prob if step >= selftrain.ramp_iterations else 0.0
+    if settings.draws == "per_image":
+        both = (torch.cat([t, t]) for t in (images, labels, confidence))
+        return _strong_view(ctx, *both, mix_prob=mix_prob, per_image=True)
+    views = [
+        _strong_view(ctx, images, labels, confidence, mix_prob=mix_prob, per_image=False)
+        for _ in range(2)
+    ]
+    return tuple(torch.cat(parts) for parts in zip(*views, strict=True))
+
+
+def _strong_view(ctx: StepContext, images, labels, confidence, mix_prob: float, per_image: bool):
+    """ClassMix with the pseudo-labels, then the strong photometric and geometric steps."""
+    settings = ctx.config.train.augment
     images, labels, confidence = classmix(
         images,
         labels,
@@ -57,6 +71,7 @@ def strong_views(ctx: StepContext, images, labels, confidence, step: int):
         blur_sigma=settings.blur_sigma,
         generator=ctx.generator,
         per_image=per_image,
+        anisotropic_blur=settings.blur_shape == "anisotropic",
     )
 
 
@@ -93,6 +108,20 @@ def pseudo_label_quality(pseudo, confidence, hidden_labels) -> dict[str, torch.T
     }
 
 
+def student_forward(ctx: StepContext, labeled_images, view_images):
+    """(labeled logits, labeled features, view logits, view features): one forward on both
+    batches (joint: BatchNorm statistics over labeled images and views together), or the views
+    and then the labeled batch (separate)."""
+    net = ctx.model["net"]
+    if ctx.config.methods.selftrain.student_forward == "separate":
+        view_logits, view_features = net(view_images)
+        labeled_logits, labeled_features = net(labeled_images)
+        return labeled_logits, labeled_features, view_logits, view_features
+    n_labeled = labeled_images.shape[0]
+    logits, features = net(torch.cat([labeled_images, view_images]))
+    return logits[:n_labeled], features[:n_labeled], logits[n_labeled:], features[n_labeled:]
+
+
 def forward(ctx: StepContext, labeled: dict, unlabeled: dict, step: int):
     """Shared by selftrain and memseg: returns the loss terms and what the memory method needs."""
     selftrain = ctx.config.methods.selftrain
@@ -103,13 +132,13 @@ def forward(ctx: StepContext, labeled: dict, unlabeled: dict, step: int):
         view_images, view_labels, view_confidence = strong_views(
             ctx, unlabeled["image"], pseudo, confidence, step
         )
-    n_labeled = labeled_images.shape[0]
     with ctx.timer("student_forward"):
-        logits, features = ctx.model["net"](torch.cat([labeled_images, view_images]))
+        labeled_logits, labeled_features, view_logits, view_features = student_forward(
+            ctx, labeled_images, view_images
+        )
         weights = _class_weights(ctx, labeled_labels, view_labels, step)
-        view_logits = logits[n_labeled:]
         terms = {
-            "sup": supervised_ce(logits[:n_labeled], labeled_labels, class_weights=weights),
+            "sup": supervised_ce(labeled_logits, labeled_labels, class_weights=weights),
             "pseudo": ramp(step, selftrain.ramp_iterations)
             * pseudo_label_ce(
                 view_logits,
@@ -119,13 +148,15 @@ def forward(ctx: StepContext, labeled: dict, unlabeled: dict, step: int):
                 class_weights=weights,
             ),
             "ent": selftrain.entropy_weight
-            * entropy_loss(resized(view_logits, view_labels.shape[-2:]), official=ctx.official),
+            * entropy_loss(
+                resized(view_logits, view_labels.shape[-2:]), view_labels, selftrain.entropy
+            ),
         }
     student = StudentPass(
         labeled_images=labeled_images,
         labeled_labels=labeled_labels,
-        labeled_features=features[:n_labeled],
-        view_features=features[n_labeled:],
+        labeled_features=labeled_features,
+        view_features=view_features,
         view_labels=view_labels,
         diagnostics=pseudo_label_quality(pseudo, confidence, unlabeled["label"]),
     )

@@ -87,15 +87,15 @@ class DeepLabV3PlusHead(nn.Module):
 
 
 class DeepLabV2Head(nn.Module):
-    """Sum of dilated 3x3 classifiers on the backbone map. `official` reproduces the reference's
-    early return: only the first two branches (rates 6 and 12) are summed."""
+    """Sum of the first `used` dilated 3x3 classifiers on the backbone map (all four by default;
+    2 sums only rates 6 and 12, as an early return in the reference does)."""
 
-    def __init__(self, high_ch: int, num_classes: int, official: bool = False) -> None:
+    def __init__(self, high_ch: int, num_classes: int, used: int = len(V2_RATES)) -> None:
         super().__init__()
         self.branches = nn.ModuleList(
             nn.Conv2d(high_ch, num_classes, 3, padding=rate, dilation=rate) for rate in V2_RATES
         )
-        self.used = 2 if official else len(V2_RATES)
+        self.used = used
         self.feature_channels = high_ch
         for branch in self.branches:
             nn.init.normal_(branch.weight, std=0.01)
