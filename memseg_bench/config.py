@@ -77,6 +77,9 @@ class ModelConfig:
     # frozen: the backbone's BatchNorm weight and bias get requires_grad=False (no update, no
     # weight decay); their running statistics still follow train.freeze_bn.
     backbone_bn_affine: Literal["trained", "frozen"] = "trained"
+    # caffe: the layout Caffe-trained ResNet weights (DeepLabv2's COCO ones) compute with; the
+    # parameters and their names are torchvision's either way.
+    resnet_layout: Literal["torchvision", "caffe"] = "torchvision"
 
     def __post_init__(self) -> None:
         if not 1 <= self.v2_branches <= 4:
@@ -104,6 +107,15 @@ class AugmentConfig:
     draws: Literal["per_image", "per_batch"] = "per_image"
     # anisotropic: separate horizontal and vertical sigmas.
     blur_shape: Literal["isotropic", "anisotropic"] = "isotropic"
+    # Taps of the blur kernel (odd); null: 2 ceil(3 max sigma) + 1.
+    blur_taps: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.blur_taps is not None and (self.blur_taps < 1 or self.blur_taps % 2 == 0):
+            raise UserError(
+                f"params: 'train.augment.blur_taps' must be odd and positive, got {self.blur_taps}"
+            )
+
     labeled: AugmentSide = field(default_factory=AugmentSide)
     unlabeled: AugmentSide = field(
         default_factory=lambda: AugmentSide(
@@ -385,7 +397,7 @@ BEHAVIOURS: dict[str, dict] = {
     "paper": {},
     "official": {
         "model": {"v2_branches": 2, "backbone_bn_affine": "frozen"},
-        "train": {"augment": {"draws": "per_batch", "blur_shape": "anisotropic"}},
+        "train": {"augment": {"draws": "per_batch", "blur_shape": "anisotropic", "blur_taps": 23}},
         "methods": {
             "selftrain": {
                 "teacher_mode": "train",

@@ -10,7 +10,7 @@ import torch
 from torch.nn import functional as F
 
 from memseg_bench.config import BEHAVIOURS, Config, config_from_dict, dump_config
-from memseg_bench.data.augment import augment
+from memseg_bench.data.augment import augment, gaussian_blur
 from memseg_bench.methods import memseg, selftrain
 from memseg_bench.methods.context import labels_at, teacher_forward
 from memseg_bench.methods.memory_bank import insert, new_bank, pixel_order_when_few
@@ -228,3 +228,26 @@ def test_quality_resolution_crop_takes_the_argmax_at_crop_size():
     assert torch.equal(at_crop[1], labels_at(prediction, (4, 4)))
     torch.testing.assert_close(at_crop[0], confidence[:, ::4, ::4])
     assert not torch.allclose(at_crop[0], at_features[0])
+
+
+def test_blur_taps_fixes_the_kernel_size():
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(1, 3, 40, 40, generator=g) * 255
+    labels = torch.zeros(1, 40, 40, dtype=torch.long)
+    side = dataclasses.replace(
+        Config().train.augment.unlabeled,
+        scale_prob=0.0,
+        flip_prob=0.0,
+        jitter_prob=0.0,
+        blur_prob=1.0,
+    )
+
+    def blurred(taps):
+        generator = torch.Generator().manual_seed(0)
+        return augment(
+            images, labels, None, side, (1.0, 1.0), (4.0, 4.0), generator, blur_taps=taps
+        )[0]
+
+    expected = gaussian_blur(images, torch.tensor([4.0]), torch.tensor([4.0]), radius=11)
+    torch.testing.assert_close(blurred(23), expected)
+    assert (blurred(None) - expected).abs().max() > 0.01  # radius 12 by default

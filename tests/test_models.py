@@ -301,3 +301,31 @@ def test_load_segmenter_errors(tmp_path):
     torch.save({"model_state": {}}, tmp_path / "partial.pt")
     with pytest.raises(UserError, match="partial.pt"):
         load_segmenter(tmp_path / "partial.pt")
+
+
+def test_resnet_caffe_layout_strides_on_the_1x1_and_dilates_every_block():
+    torchvision_net = build_backbone("resnet50", 8)
+    caffe = build_backbone("resnet50", 8, "caffe")
+    assert caffe.maxpool.ceil_mode and not torchvision_net.maxpool.ceil_mode
+    first = caffe.layer2[0]
+    assert (first.conv1.stride, first.conv2.stride) == ((2, 2), (1, 1))
+    assert (torchvision_net.layer2[0].conv1.stride, torchvision_net.layer2[0].conv2.stride) == (
+        (1, 1),
+        (2, 2),
+    )
+    for stage, rate in (("layer3", 2), ("layer4", 4)):
+        assert all(b.conv2.dilation == (rate, rate) for b in getattr(caffe, stage)), stage
+        assert all(b.conv2.stride == (1, 1) for b in getattr(caffe, stage))
+        # torchvision's dilated stages keep the previous rate on the first block's 3x3.
+        assert getattr(torchvision_net, stage)[0].conv2.dilation == (rate // 2, rate // 2)
+    # Same parameters, a different function.
+    caffe.load_state_dict(torchvision_net.state_dict())
+    x = images(1, 64)
+    with torch.no_grad():
+        low_c, high_c = caffe.eval()((x - 127) / 64)
+        low_t, high_t = torchvision_net.eval()((x - 127) / 64)
+    # The max-pool rounds up: 17 rows where torchvision's gives 16.
+    assert tuple(low_c.shape[-2:]) == (17, 17) and tuple(low_t.shape[-2:]) == (16, 16)
+    assert high_c.shape[-1] == 9 and high_t.shape[-1] == 8
+    with pytest.raises(UserError, match="resnet_layout"):
+        build_backbone("resnet18", 8, "caffe")

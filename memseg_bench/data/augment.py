@@ -165,6 +165,7 @@ def augment(
     generator: torch.Generator,
     per_image: bool = True,
     anisotropic_blur: bool = False,
+    blur_taps: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Colour jitter, blur, then one affine resampling (scale + flip) per image.
 
@@ -184,7 +185,7 @@ def augment(
             sigma_y = sigma_x
             if anisotropic_blur:
                 sigma_y = _uniform(blur_sigma[0], blur_sigma[1], draws[:, 7])
-            radius = math.ceil(3.0 * max(blur_sigma))
+            radius = math.ceil(3.0 * max(blur_sigma)) if blur_taps is None else blur_taps // 2
             blurred = gaussian_blur(images, sigma_x, sigma_y, radius)
             images = torch.where(apply_blur[:, None, None, None], blurred, images)
         apply_scale = draws[:, 8] < side.scale_prob

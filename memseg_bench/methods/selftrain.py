@@ -72,6 +72,7 @@ def _strong_view(ctx: StepContext, images, labels, confidence, mix_prob: float, 
         generator=ctx.generator,
         per_image=per_image,
         anisotropic_blur=settings.blur_shape == "anisotropic",
+        blur_taps=settings.blur_taps,
     )
 
 

@@ -34,6 +34,7 @@ def augment_labeled(ctx: StepContext, labeled: dict) -> tuple[torch.Tensor, torc
         generator=ctx.generator,
         per_image=per_image,
         anisotropic_blur=settings.blur_shape == "anisotropic",
+        blur_taps=settings.blur_taps,
     )
     return images, labels
 

@@ -42,7 +42,7 @@ def build_segmenter(
     feature stride."""
     if num_classes < 1:
         raise ValueError(f"num_classes must be positive, got {num_classes}")
-    backbone = build_backbone(model_cfg.backbone, model_cfg.output_stride)
+    backbone = build_backbone(model_cfg.backbone, model_cfg.output_stride, model_cfg.resnet_layout)
     if model_cfg.weights is not None:
         load_backbone_weights(backbone, weights_file(model_cfg.backbone, model_cfg.weights))
     if model_cfg.backbone_bn_affine == "frozen":
