@@ -94,17 +94,19 @@ def test_per_batch_draws_give_each_view_its_own_classmix_decision(tmp_path):
     assert (True, False) in outcomes and (False, True) in outcomes
 
 
+BLUR_ONLY = dataclasses.replace(
+    Config().train.augment.unlabeled, scale_prob=0.0, flip_prob=0.0, jitter_prob=0.0, blur_prob=1.0
+)
+
+
+def _blur_batch(batch: int, size: int):
+    images = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(0)) * 255
+    return images, torch.zeros(batch, size, size, dtype=torch.long)
+
+
 def test_blur_shape_anisotropic_draws_a_second_sigma():
-    g = torch.Generator().manual_seed(0)
-    images = torch.rand(2, 3, 24, 24, generator=g) * 255
-    labels = torch.zeros(2, 24, 24, dtype=torch.long)
-    side = dataclasses.replace(
-        Config().train.augment.unlabeled,
-        scale_prob=0.0,
-        flip_prob=0.0,
-        jitter_prob=0.0,
-        blur_prob=1.0,
-    )
+    images, labels = _blur_batch(2, 24)
+    side = BLUR_ONLY
 
     def blurred(anisotropic: bool):
         generator = torch.Generator().manual_seed(3)
@@ -231,16 +233,8 @@ def test_quality_resolution_crop_takes_the_argmax_at_crop_size():
 
 
 def test_blur_taps_fixes_the_kernel_size():
-    g = torch.Generator().manual_seed(0)
-    images = torch.rand(1, 3, 40, 40, generator=g) * 255
-    labels = torch.zeros(1, 40, 40, dtype=torch.long)
-    side = dataclasses.replace(
-        Config().train.augment.unlabeled,
-        scale_prob=0.0,
-        flip_prob=0.0,
-        jitter_prob=0.0,
-        blur_prob=1.0,
-    )
+    images, labels = _blur_batch(1, 40)
+    side = BLUR_ONLY
 
     def blurred(taps):
         generator = torch.Generator().manual_seed(0)
