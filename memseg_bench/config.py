@@ -80,6 +80,9 @@ class ModelConfig:
     # caffe: the layout Caffe-trained ResNet weights (DeepLabv2's COCO ones) compute with; the
     # parameters and their names are torchvision's either way.
     resnet_layout: Literal["torchvision", "caffe"] = "torchvision"
+    # Initial weights of the DeepLabv3+ ASPP, decoder and classifier convolutions: Kaiming
+    # normal (the classifier PyTorch's default), or N(0, 0.01) for all (normal).
+    head_init: Literal["kaiming", "normal"] = "kaiming"
 
     def __post_init__(self) -> None:
         if not 1 <= self.v2_branches <= 4:
@@ -396,7 +399,12 @@ def _read_yaml(path: Path, what: str) -> dict:
 BEHAVIOURS: dict[str, dict] = {
     "paper": {},
     "official": {
-        "model": {"v2_branches": 2, "backbone_bn_affine": "frozen"},
+        "model": {
+            "v2_branches": 2,
+            "backbone_bn_affine": "frozen",
+            "head_init": "normal",
+            "resnet_layout": "caffe",
+        },
         "train": {"augment": {"draws": "per_batch", "blur_shape": "anisotropic", "blur_taps": 23}},
         "methods": {
             "selftrain": {

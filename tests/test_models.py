@@ -327,5 +327,17 @@ def test_resnet_caffe_layout_strides_on_the_1x1_and_dilates_every_block():
     # The max-pool rounds up: 17 rows where torchvision's gives 16.
     assert tuple(low_c.shape[-2:]) == (17, 17) and tuple(low_t.shape[-2:]) == (16, 16)
     assert high_c.shape[-1] == 9 and high_t.shape[-1] == 8
-    with pytest.raises(UserError, match="resnet_layout"):
-        build_backbone("resnet18", 8, "caffe")
+    basic = build_backbone("resnet18", 8, "caffe")
+    assert basic.maxpool.ceil_mode and basic.layer2[0].conv1.stride == (2, 2)
+    assert all(b.conv1.dilation == (4, 4) for b in basic.layer4)
+
+
+@pytest.mark.parametrize("init", ["kaiming", "normal"])
+def test_head_init(init):
+    cfg = ModelConfig(backbone="resnet18", decoder_channels=32, head_init=init)
+    head = build_segmenter(cfg, 3, MEAN, STD).head
+    weight = head.decoder[0][0].weight  # a 3x3 conv over 32 + 48 channels
+    expected = 0.01 if init == "normal" else (2.0 / (weight[0].numel())) ** 0.5
+    assert weight.std().item() == pytest.approx(expected, rel=0.05)
+    classifier_std = head.classifier.weight.std().item()
+    assert (classifier_std == pytest.approx(0.01, rel=0.2)) == (init == "normal")

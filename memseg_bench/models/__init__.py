@@ -57,6 +57,7 @@ def build_segmenter(
             num_classes,
             model_cfg.output_stride,
             model_cfg.decoder_channels,
+            model_cfg.head_init,
         )
     elif model_cfg.arch == "deeplabv2":
         head = DeepLabV2Head(backbone.high_channels, num_classes, used=model_cfg.v2_branches)

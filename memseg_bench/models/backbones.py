@@ -44,13 +44,14 @@ def _caffe_layout(net: nn.Module, dilated: dict[str, int]) -> None:
     output size up, and every 3x3 conv of a dilated stage gets that stage's full dilation."""
     net.maxpool.ceil_mode = True
     for name in ("layer2", "layer3", "layer4"):
-        first = getattr(net, name)[0]
-        if first.conv2.stride == (2, 2):
+        stage = getattr(net, name)
+        first = stage[0]
+        if hasattr(first, "conv3") and first.conv2.stride == (2, 2):
             first.conv1.stride, first.conv2.stride = (2, 2), (1, 1)
         rate = dilated.get(name)
-        if rate is not None:
-            for block in getattr(net, name):
-                block.conv2.dilation = block.conv2.padding = (rate, rate)
+        for conv in stage.modules() if rate is not None else ():
+            if isinstance(conv, nn.Conv2d) and conv.kernel_size == (3, 3):
+                conv.dilation = conv.padding = (rate, rate)
 
 
 class ResNetBackbone(nn.Module):
@@ -68,10 +69,6 @@ class ResNetBackbone(nn.Module):
         for stage, rate in dilated.items():
             _dilate_layer(getattr(self, stage), rate)
         if layout == "caffe":
-            if not hasattr(net.layer1[0], "conv3"):
-                raise UserError(
-                    f"params: 'model.resnet_layout: caffe' needs a bottleneck ResNet, got {name}"
-                )
             _caffe_layout(net, dilated)
         last = net.layer1[-1]
         self.low_channels = (last.bn3 if hasattr(last, "bn3") else last.bn2).num_features

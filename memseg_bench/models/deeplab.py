@@ -63,6 +63,7 @@ class DeepLabV3PlusHead(nn.Module):
         num_classes: int,
         output_stride: int,
         channels: int = ASPP_CHANNELS,
+        init: str = "kaiming",
     ) -> None:
         super().__init__()
         rates = [rate * 16 // output_stride for rate in V3PLUS_RATES]
@@ -76,7 +77,11 @@ class DeepLabV3PlusHead(nn.Module):
         self.classifier = nn.Conv2d(channels, num_classes, 1)
         self.feature_channels = channels
         for module in self.modules():
-            if isinstance(module, nn.Conv2d) and module is not self.classifier:
+            if not isinstance(module, nn.Conv2d):
+                continue
+            if init == "normal":
+                nn.init.normal_(module.weight, std=0.01)
+            elif module is not self.classifier:
                 nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
 
     def forward(self, low: torch.Tensor, high: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
