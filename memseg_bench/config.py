@@ -182,6 +182,11 @@ class SelfTrainConfig:
     # reference starts it with the contrastive loss: keep it equal to memseg.contrastive_start).
     class_weights: bool = False
     class_weights_start: int = 2000
+    # decayed: counts of the augmented labels and pseudo-labels, decayed by 0.99 per step, median
+    # over the classes seen; epoch_window: the raw labels of the first labeled epoch plus the raw
+    # pseudo-labels of the last unlabeled epoch (scaled by step / T), median over all classes,
+    # weights 1 until both epochs were counted.
+    class_counts: Literal["decayed", "epoch_window"] = "decayed"
     # train: the teacher predicts with batch statistics and active dropout; eval: running stats.
     teacher_mode: Literal["eval", "train"] = "eval"
     # unmasked: mean over every pixel of the views, padding included; masked: mean over pixels
@@ -411,6 +416,7 @@ BEHAVIOURS: dict[str, dict] = {
                 "teacher_mode": "train",
                 "entropy": "masked",
                 "student_forward": "separate",
+                "class_counts": "epoch_window",
             },
             "memseg": {
                 "rank_order": "lowest",

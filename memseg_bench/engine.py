@@ -100,6 +100,7 @@ class TrainData:
     labeled: object  # iterator of {"image", "label"} batches with state() / load_state()
     unlabeled: object | None
     index: object | None = None
+    n_unlabeled: int = 0
 
 
 def open_train_data(
@@ -151,6 +152,7 @@ def open_train_data(
         labeled=stream(labeled_ids, train.batch_labeled, 0),
         unlabeled=unlabeled,
         index=index,
+        n_unlabeled=len(unlabeled_ids) if needs_unlabeled else 0,
     )
 
 
@@ -211,6 +213,7 @@ class Trainer:
             teacher=self.teacher,
             bank=bank,
             generator=generator,
+            n_unlabeled=self.data.n_unlabeled,
             gather=lambda tensors: distributed.gather_rows(tensors, self.dist),
             world_size=self.dist.world_size,
         )

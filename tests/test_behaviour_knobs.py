@@ -13,6 +13,7 @@ from memseg_bench.config import BEHAVIOURS, Config, config_from_dict, dump_confi
 from memseg_bench.data.augment import augment, gaussian_blur
 from memseg_bench.methods import memseg, selftrain
 from memseg_bench.methods.context import labels_at, teacher_forward
+from memseg_bench.methods.losses import class_weights_from_counts, epoch_window_class_weights
 from memseg_bench.methods.memory_bank import insert, new_bank, pixel_order_when_few
 from tests.trainers import NUM_CLASSES, make_trainer, tiny_config
 
@@ -245,3 +246,54 @@ def test_blur_taps_fixes_the_kernel_size():
     expected = gaussian_blur(images, torch.tensor([4.0]), torch.tensor([4.0]), radius=11)
     torch.testing.assert_close(blurred(23), expected)
     assert (blurred(None) - expected).abs().max() > 0.01  # radius 12 by default
+
+
+def test_epoch_window_class_weights_take_the_median_over_every_class():
+    labeled = torch.tensor([[10.0, 0.0, 5.0, 0.0], [30.0, 0.0, 5.0, 0.0]])
+    unlabeled = torch.tensor([[20.0, 4.0, 0.0, 0.0], [20.0, 4.0, 10.0, 0.0]])
+    got = epoch_window_class_weights(labeled, unlabeled, 0.5)
+    freq = torch.tensor([60.0, 4.0, 15.0, 0.0], dtype=torch.float64)
+    median = (4.0 + 15.0) / 2  # over all four classes, the unseen one included
+    seen = (median / freq[:3]).sqrt()
+    expected = torch.cat([seen, seen.max().clamp(min=1.0)[None]]).float()
+    torch.testing.assert_close(got, expected)
+    # The decayed form's median runs over the seen classes only.
+    decayed = class_weights_from_counts(freq.float())
+    assert (decayed[:3] - got[:3]).abs().max() > 0.1
+
+
+def test_class_counts_epoch_window_fixes_the_labeled_epoch_and_slides_the_unlabeled_one(tmp_path):
+    overrides = {"methods": {"selftrain": {"class_weights": True}}}
+    window = dict(
+        overrides, methods={"selftrain": {"class_weights": True, "class_counts": "epoch_window"}}
+    )
+    g = torch.Generator().manual_seed(0)
+    batches = [
+        (
+            torch.randint(0, NUM_CLASSES, (2, 8, 8), generator=g),
+            torch.randint(0, NUM_CLASSES, (2, 8, 8), generator=g),
+        )
+        for _ in range(5)
+    ]
+    results = {}
+    for name, values in (("decayed", overrides), ("epoch_window", window)):
+        trainer = make_trainer("selftrain", tiny_config(overrides=values), tmp_path / name)
+        ctx = trainer.ctx
+        ctx.n_labeled, ctx.n_unlabeled = 4, 6  # 2 labeled and 3 unlabeled steps per epoch
+        results[name] = [
+            selftrain.class_weights(ctx, {"label": labels}, pseudo, labels, pseudo, step)
+            for step, (labels, pseudo) in enumerate(batches)
+        ]
+    assert all(w is not None for w in results["decayed"])
+    window_weights = results["epoch_window"]
+    assert window_weights[0] is None and window_weights[1] is None  # 3 unlabeled steps first
+
+    def counts(t):
+        return torch.stack([(t == c).sum() for c in range(NUM_CLASSES)]).double()
+
+    labeled_epoch = sum(counts(batches[i][0]) for i in range(2))
+    for step in (2, 4):
+        last_unlabeled = sum(counts(batches[i][1]) for i in range(step - 2, step + 1))
+        share = (step + 1) / 10**6
+        expected = epoch_window_class_weights(labeled_epoch[None], last_unlabeled[None], share)
+        torch.testing.assert_close(window_weights[step], expected)

@@ -81,6 +81,20 @@ def entropy_loss(
     return (entropy * valid).sum() / valid.sum().clamp_min(1.0)
 
 
+def epoch_window_class_weights(
+    labeled_rows: torch.Tensor, unlabeled_rows: torch.Tensor, unlabeled_share: float
+) -> torch.Tensor:
+    """sqrt(median(freq) / freq_c) with freq = the summed labeled rows plus `unlabeled_share`
+    times the summed unlabeled rows (rows: per-step class counts [steps, C]), the median over
+    every class; a class never counted gets the largest weight (at least 1)."""
+    freq = labeled_rows.sum(0).double() + unlabeled_share * unlabeled_rows.sum(0).double()
+    weights = torch.quantile(freq, 0.5) / freq
+    unseen = freq == 0
+    weights = torch.where(unseen, 1.0, weights)
+    weights = torch.where(unseen, weights.max(), weights)
+    return torch.sqrt(weights).to(torch.float32)
+
+
 def class_weights_from_counts(counts: torch.Tensor) -> torch.Tensor:
     """sqrt(median(freq) / freq_c), median over the classes seen at least once.
 

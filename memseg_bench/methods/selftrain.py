@@ -13,6 +13,7 @@ from memseg_bench.methods.ema import ema_alpha, ema_update
 from memseg_bench.methods.losses import (
     class_weights_from_counts,
     entropy_loss,
+    epoch_window_class_weights,
     pseudo_label_ce,
     ramp,
     supervised_ce,
@@ -85,8 +86,6 @@ def class_counts(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
 
 def _class_weights(ctx: StepContext, labels: torch.Tensor, pseudo: torch.Tensor, step: int):
     """Cityscapes weighting from GT and recent pseudo-label counts, from class_weights_start on."""
-    if not ctx.config.methods.selftrain.class_weights:
-        return None
     counts = sum(class_counts(t, ctx.num_classes) for t in (labels, pseudo))
     previous = ctx.extra_state.get("class_counts")
     counts = counts if previous is None else 0.99 * previous + counts
@@ -94,6 +93,47 @@ def _class_weights(ctx: StepContext, labels: torch.Tensor, pseudo: torch.Tensor,
     if step < ctx.config.methods.selftrain.class_weights_start:
         return None
     return class_weights_from_counts(counts)
+
+
+def _epoch_window_class_weights(ctx: StepContext, labels, pseudo, step: int):
+    """Weighting from the first labeled epoch's label counts and the last unlabeled epoch's
+    pseudo-label counts, one row per step in extra_state (a ring buffer for the unlabeled rows)."""
+    state = ctx.extra_state
+    labeled_steps = ctx.n_labeled // labels.shape[0]
+    unlabeled_steps = ctx.n_unlabeled // pseudo.shape[0]
+    if "labeled_rows" not in state:
+        state["labeled_rows"] = labels.new_zeros(
+            (labeled_steps, ctx.num_classes), dtype=torch.float64
+        )
+        state["unlabeled_rows"] = labels.new_zeros(
+            (unlabeled_steps, ctx.num_classes), dtype=torch.float64
+        )
+        state["counted_steps"] = 0
+    counted = state["counted_steps"]
+    if counted < labeled_steps:
+        state["labeled_rows"][counted] = class_counts(labels, ctx.num_classes).double()
+    if unlabeled_steps > 0:
+        state["unlabeled_rows"][counted % unlabeled_steps] = class_counts(
+            pseudo, ctx.num_classes
+        ).double()
+    state["counted_steps"] = counted = counted + 1
+    settings = ctx.config.methods.selftrain
+    if counted < max(labeled_steps, unlabeled_steps) or step < settings.class_weights_start:
+        return None
+    share = min(1.0, counted / ctx.config.train.iterations)
+    return epoch_window_class_weights(state["labeled_rows"], state["unlabeled_rows"], share)
+
+
+def class_weights(ctx: StepContext, labeled: dict, pseudo, labeled_labels, view_labels, step: int):
+    """The class weights of L_sup and L_pseudo (None: unweighted), counted as
+    methods.selftrain.class_counts says: on the raw labels and pseudo-labels (epoch_window) or on
+    the augmented ones (decayed)."""
+    settings = ctx.config.methods.selftrain
+    if not settings.class_weights:
+        return None
+    if settings.class_counts == "epoch_window":
+        return _epoch_window_class_weights(ctx, labeled["label"], pseudo, step)
+    return _class_weights(ctx, labeled_labels, view_labels, step)
 
 
 @torch.no_grad()
@@ -137,7 +177,7 @@ def forward(ctx: StepContext, labeled: dict, unlabeled: dict, step: int):
         labeled_logits, labeled_features, view_logits, view_features = student_forward(
             ctx, labeled_images, view_images
         )
-        weights = _class_weights(ctx, labeled_labels, view_labels, step)
+        weights = class_weights(ctx, labeled, pseudo, labeled_labels, view_labels, step)
         terms = {
             "sup": supervised_ce(labeled_logits, labeled_labels, class_weights=weights),
             "pseudo": ramp(step, selftrain.ramp_iterations)
