@@ -112,6 +112,8 @@ class AugmentConfig:
     blur_shape: Literal["isotropic", "anisotropic"] = "isotropic"
     # Taps of the blur kernel (odd); null: 2 ceil(3 max sigma) + 1.
     blur_taps: int | None = None
+    # Colour jitter and blur before the scale / flip resampling (the padding stays 0) or after.
+    photometric_order: Literal["before_geometry", "after_geometry"] = "before_geometry"
 
     def __post_init__(self) -> None:
         if self.blur_taps is not None and (self.blur_taps < 1 or self.blur_taps % 2 == 0):
@@ -410,7 +412,14 @@ BEHAVIOURS: dict[str, dict] = {
             "head_init": "normal",
             "resnet_layout": "caffe",
         },
-        "train": {"augment": {"draws": "per_batch", "blur_shape": "anisotropic", "blur_taps": 23}},
+        "train": {
+            "augment": {
+                "draws": "per_batch",
+                "blur_shape": "anisotropic",
+                "blur_taps": 23,
+                "photometric_order": "after_geometry",
+            }
+        },
         "methods": {
             "selftrain": {
                 "teacher_mode": "train",

@@ -297,3 +297,26 @@ def test_class_counts_epoch_window_fixes_the_labeled_epoch_and_slides_the_unlabe
         share = (step + 1) / 10**6
         expected = epoch_window_class_weights(labeled_epoch[None], last_unlabeled[None], share)
         torch.testing.assert_close(window_weights[step], expected)
+
+
+def test_photometric_order():
+    images, labels = _blur_batch(4, 32)
+    jitter_only = dataclasses.replace(BLUR_ONLY, blur_prob=0.0, jitter_prob=1.0)
+    shrink = dataclasses.replace(jitter_only, scale_prob=1.0)
+
+    def run(side, scale_range, last):
+        generator = torch.Generator().manual_seed(1)
+        return augment(
+            images, labels, None, side, scale_range, (0.1, 1.5), generator, photometric_last=last
+        )
+
+    # Shrunk images are padded: jitter before the resampling leaves the padding 0, after it not.
+    before, padded, _ = run(shrink, (0.5, 0.5), False)
+    after, _, _ = run(shrink, (0.5, 0.5), True)
+    outside = (padded == 255)[:, None].expand_as(before)
+    assert outside.any() and (before[outside] == 0).all()
+    assert (after[outside] != 0).any()
+    # Flips commute with the jitter: without a scale both orders agree.
+    flip = dataclasses.replace(jitter_only, flip_prob=1.0)
+    flipped_last, flipped_first = run(flip, (1.0, 1.0), True)[0], run(flip, (1.0, 1.0), False)[0]
+    torch.testing.assert_close(flipped_last, flipped_first, atol=1e-3, rtol=0)  # sums' order

@@ -74,6 +74,7 @@ def _strong_view(ctx: StepContext, images, labels, confidence, mix_prob: float, 
         per_image=per_image,
         anisotropic_blur=settings.blur_shape == "anisotropic",
         blur_taps=settings.blur_taps,
+        photometric_last=settings.photometric_order == "after_geometry",
     )
 
 

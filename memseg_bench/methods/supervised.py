@@ -35,6 +35,7 @@ def augment_labeled(ctx: StepContext, labeled: dict) -> tuple[torch.Tensor, torc
         per_image=per_image,
         anisotropic_blur=settings.blur_shape == "anisotropic",
         blur_taps=settings.blur_taps,
+        photometric_last=settings.photometric_order == "after_geometry",
     )
     return images, labels
 
