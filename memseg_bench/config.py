@@ -115,18 +115,18 @@ class AugmentConfig:
     # Colour jitter and blur before the scale / flip resampling (the padding stays 0) or after.
     photometric_order: Literal["before_geometry", "after_geometry"] = "before_geometry"
 
-    def __post_init__(self) -> None:
-        if self.blur_taps is not None and (self.blur_taps < 1 or self.blur_taps % 2 == 0):
-            raise UserError(
-                f"params: 'train.augment.blur_taps' must be odd and positive, got {self.blur_taps}"
-            )
-
     labeled: AugmentSide = field(default_factory=AugmentSide)
     unlabeled: AugmentSide = field(
         default_factory=lambda: AugmentSide(
             scale_prob=0.8, jitter_prob=0.8, jitter_strength=0.25, blur_prob=0.2, classmix_prob=0.75
         )
     )
+
+    def __post_init__(self) -> None:
+        if self.blur_taps is not None and (self.blur_taps < 1 or self.blur_taps % 2 == 0):
+            raise UserError(
+                f"params: 'train.augment.blur_taps' must be odd and positive, got {self.blur_taps}"
+            )
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ class StepContext:
     teacher: nn.ModuleDict | None
     bank: dict | None
     generator: torch.Generator  # augmentation randomness, on the training device
-    n_unlabeled: int = 0
+    n_unlabeled: int = 0  # images in the unlabeled split (0 without one)
     # Small running state saved in checkpoints (e.g. class counts for class weighting).
     extra_state: dict = field(default_factory=dict)
     # Concatenates per-rank candidate rows in rank order (identity in a single process).
