@@ -72,6 +72,21 @@ class ModelConfig:
     decoder_channels: int = 256
     # Width of the projection/prediction heads and of the memory bank vectors (D).
     feature_dim: int = 256
+    # How many of the DeepLabv2 classifier branches (rates 6, 12, 18, 24) are summed.
+    v2_branches: int = 4
+    # frozen: the backbone's BatchNorm weight and bias get requires_grad=False (no update, no
+    # weight decay); their running statistics still follow train.freeze_bn.
+    backbone_bn_affine: Literal["trained", "frozen"] = "trained"
+    # caffe: the layout Caffe-trained ResNet weights (DeepLabv2's COCO ones) compute with; the
+    # parameters and their names are torchvision's either way.
+    resnet_layout: Literal["torchvision", "caffe"] = "torchvision"
+    # Initial weights of the DeepLabv3+ ASPP, decoder and classifier convolutions: Kaiming
+    # normal (the classifier PyTorch's default), or N(0, 0.01) for all (normal).
+    head_init: Literal["kaiming", "normal"] = "kaiming"
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.v2_branches <= 4:
+            raise UserError(f"params: 'model.v2_branches' must be 1..4, got {self.v2_branches}")
 
 
 @dataclass(frozen=True)
@@ -90,12 +105,28 @@ class AugmentConfig:
     blur_sigma: tuple[float, float] = (0.1, 1.5)
     # Drop the background class (id 0) from ClassMix candidates unless it is alone (VOC).
     classmix_drop_background: bool = False
+    # per_image: every decision (ClassMix, jitter, blur, scale, flip) is drawn for each image;
+    # per_batch: once per batch, and each strong view of the unlabeled batch is its own batch.
+    draws: Literal["per_image", "per_batch"] = "per_image"
+    # anisotropic: separate horizontal and vertical sigmas.
+    blur_shape: Literal["isotropic", "anisotropic"] = "isotropic"
+    # Taps of the blur kernel (odd); null: 2 ceil(3 max sigma) + 1.
+    blur_taps: int | None = None
+    # Colour jitter and blur before the scale / flip resampling (the padding stays 0) or after.
+    photometric_order: Literal["before_geometry", "after_geometry"] = "before_geometry"
+
     labeled: AugmentSide = field(default_factory=AugmentSide)
     unlabeled: AugmentSide = field(
         default_factory=lambda: AugmentSide(
             scale_prob=0.8, jitter_prob=0.8, jitter_strength=0.25, blur_prob=0.2, classmix_prob=0.75
         )
     )
+
+    def __post_init__(self) -> None:
+        if self.blur_taps is not None and (self.blur_taps < 1 or self.blur_taps % 2 == 0):
+            raise UserError(
+                f"params: 'train.augment.blur_taps' must be odd and positive, got {self.blur_taps}"
+            )
 
 
 @dataclass(frozen=True)
@@ -110,7 +141,8 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     poly_power: float = 0.9
-    # The reference listed every parameter several times in the optimiser ([official]).
+    # The code behind the published numbers listed every parameter several times in the
+    # optimiser (about 3x the effective LR).
     lr_multiplier: float = 1.0
     deterministic: bool = True
     threads: int = 0
@@ -152,6 +184,19 @@ class SelfTrainConfig:
     # reference starts it with the contrastive loss: keep it equal to memseg.contrastive_start).
     class_weights: bool = False
     class_weights_start: int = 2000
+    # decayed: counts of the augmented labels and pseudo-labels, decayed by 0.99 per step, median
+    # over the classes seen; epoch_window: the raw labels of the first labeled epoch plus the raw
+    # pseudo-labels of the last unlabeled epoch (scaled by step / T), median over all classes,
+    # weights 1 until both epochs were counted.
+    class_counts: Literal["decayed", "epoch_window"] = "decayed"
+    # train: the teacher predicts with batch statistics and active dropout; eval: running stats.
+    teacher_mode: Literal["eval", "train"] = "eval"
+    # unmasked: mean over every pixel of the views, padding included; masked: mean over pixels
+    # whose pseudo-label is not ignore; broadcast: the unmasked mean times the batch size.
+    entropy: Literal["unmasked", "masked", "broadcast"] = "unmasked"
+    # joint: one student forward on labeled images and views together (shared BatchNorm
+    # statistics); separate: views first, then the labeled batch.
+    student_forward: Literal["joint", "separate"] = "joint"
 
 
 @dataclass(frozen=True)
@@ -165,13 +210,28 @@ class MemSegConfig:
     quality_threshold: float = 0.95
     feature_weights: bool = True
     ranked_insertion: bool = True
-    # auto follows methods.behaviour: paper keeps the highest scores, official the lowest.
-    rank_order: Literal["auto", "highest", "lowest"] = "auto"
+    # Which selector scores a class's candidates keep when it has more than K of them.
+    rank_order: Literal["highest", "lowest"] = "highest"
+    # ranked: a class with at most K candidates inserts them in rank order too; pixel: in pixel
+    # order (what falls off the FIFO later differs).
+    few_candidates_order: Literal["ranked", "pixel"] = "ranked"
+    # selector: memory-side weights from S'_c; uniform: every memory weight is 1 (S'_c inert).
+    memory_weights: Literal["selector", "uniform"] = "selector"
+    # What S'_c reads: the stored rows as they are, or L2-normalised.
+    memory_selector_input: Literal["raw", "normalised"] = "raw"
+    # after_step: the bank takes this step's labeled features after the optimiser and EMA steps;
+    # before_loss: before this step's contrastive loss (with the teacher of the previous step).
+    memory_update: Literal["after_step", "before_loss"] = "after_step"
+    # features: the quality filter compares the teacher's argmax with the labels at feature
+    # resolution; crop: argmax of the logits upsampled to crop size (align_corners=True), then
+    # nearest-downsampled.
+    quality_resolution: Literal["features", "crop"] = "features"
     k_rule: Literal["cityscapes", "voc"] = "cityscapes"
 
 
 @dataclass(frozen=True)
 class MethodsConfig:
+    # A preset of the knobs in BEHAVIOURS; values given explicitly win over it.
     behaviour: Literal["paper", "official"] = "paper"
     selftrain: SelfTrainConfig = field(default_factory=SelfTrainConfig)
     memseg: MemSegConfig = field(default_factory=MemSegConfig)
@@ -341,6 +401,61 @@ def _read_yaml(path: Path, what: str) -> dict:
     return data
 
 
+# methods.behaviour: the knob values of each behaviour (docs/fidelity.md lists them all). paper is
+# what the paper states, and our own choice where it is silent; official is the reference code.
+BEHAVIOURS: dict[str, dict] = {
+    "paper": {},
+    "official": {
+        "model": {
+            "v2_branches": 2,
+            "backbone_bn_affine": "frozen",
+            "head_init": "normal",
+            "resnet_layout": "caffe",
+        },
+        "train": {
+            "augment": {
+                "draws": "per_batch",
+                "blur_shape": "anisotropic",
+                "blur_taps": 23,
+                "photometric_order": "after_geometry",
+            }
+        },
+        "methods": {
+            "selftrain": {
+                "teacher_mode": "train",
+                "entropy": "masked",
+                "student_forward": "separate",
+                "class_counts": "epoch_window",
+            },
+            "memseg": {
+                "rank_order": "lowest",
+                "few_candidates_order": "pixel",
+                "memory_weights": "uniform",
+                "memory_selector_input": "normalised",
+                "memory_update": "before_loss",
+                "quality_resolution": "crop",
+            },
+        },
+    },
+}
+
+
+def _with_behaviour(values: dict) -> dict:
+    """The knob values of methods.behaviour under the given values (which win)."""
+    methods = values.get("methods")
+    behaviour = methods.get("behaviour", "paper") if isinstance(methods, dict) else "paper"
+    if behaviour not in BEHAVIOURS:
+        raise UserError(
+            f"params: 'methods.behaviour' must be one of {list(BEHAVIOURS)}, got {behaviour!r}"
+        )
+    memseg = methods.get("memseg") if isinstance(methods, dict) else None
+    if isinstance(memseg, dict) and memseg.get("rank_order") == "auto":
+        # Configs stored before the knobs existed say `auto`: the behaviour decides.
+        memseg = {key: value for key, value in memseg.items() if key != "rank_order"}
+        values = {**values, "methods": {**methods, "memseg": memseg}}
+    return deep_merge(BEHAVIOURS[behaviour], values)
+
+
 def available_presets() -> list[str]:
     return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
 
@@ -359,7 +474,7 @@ def config_from_dict(values: dict) -> Config:
             if key in layered:
                 raise UserError(f"preset file {preset}.yaml: key '{key}' belongs in params.yaml")
     layered = deep_merge(layered, values)
-    return _build(Config, layered)
+    return _build(Config, _with_behaviour(layered))
 
 
 def load_config(path: str | Path = "params.yaml", overrides: dict | None = None) -> Config:
@@ -387,7 +502,3 @@ def config_hash(config: Config) -> str:
 
 def dump_config(config: Config) -> str:
     return yaml.safe_dump(config_to_dict(config), sort_keys=False)
-
-
-def is_official(config: Config) -> bool:
-    return config.methods.behaviour == "official"

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from . import checkpoint, distributed
-from .config import Config, config_hash, config_to_dict, dump_config, is_official
+from .config import Config, config_hash, config_to_dict, dump_config
 from .errors import UserError
 from .fileio import write_json, write_text
 from .methods.method import Method
@@ -67,9 +67,7 @@ def make_optimizer(parameters, train) -> torch.optim.Optimizer:
 def build_models(config: Config, method: Method, num_classes: int, device: torch.device):
     from .models import build_heads, build_segmenter
 
-    net = build_segmenter(
-        config.model, num_classes, config.data.mean, config.data.std, official=is_official(config)
-    )
+    net = build_segmenter(config.model, num_classes, config.data.mean, config.data.std)
     if config.train.bn_momentum is not None:
         for module in net.modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
@@ -103,6 +101,7 @@ class TrainData:
     labeled: object  # iterator of {"image", "label"} batches with state() / load_state()
     unlabeled: object | None
     index: object | None = None
+    n_unlabeled: int = 0
 
 
 def open_train_data(
@@ -154,6 +153,7 @@ def open_train_data(
         labeled=stream(labeled_ids, train.batch_labeled, 0),
         unlabeled=unlabeled,
         index=index,
+        n_unlabeled=len(unlabeled_ids) if needs_unlabeled else 0,
     )
 
 
@@ -214,6 +214,7 @@ class Trainer:
             teacher=self.teacher,
             bank=bank,
             generator=generator,
+            n_unlabeled=self.data.n_unlabeled,
             gather=lambda tensors: distributed.gather_rows(tensors, self.dist),
             world_size=self.dist.world_size,
         )

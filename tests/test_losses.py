@@ -58,7 +58,7 @@ def test_pseudo_label_ce_weights_and_counts_all_pixels():
     torch.testing.assert_close(got, expected_w)
 
 
-def test_entropy_normalised_and_official_scaling():
+def test_entropy_normalised_and_its_three_forms():
     uniform = torch.zeros(3, 5, 2, 2)
     assert entropy_loss(uniform).item() == pytest.approx(1.0)
     peaked = torch.zeros(3, 5, 2, 2)
@@ -69,7 +69,14 @@ def test_entropy_normalised_and_official_scaling():
     p = logits.softmax(1)
     expected = (-(p * p.log()).sum(1) / math.log(5)).mean()
     torch.testing.assert_close(entropy_loss(logits), expected)
-    torch.testing.assert_close(entropy_loss(logits, official=True), 4 * expected)
+    torch.testing.assert_close(entropy_loss(logits, form="broadcast"), 4 * expected)
+    labels = torch.randint(0, 5, (4, 3, 3), generator=gen)
+    labels[:, 0] = 255  # a padded band
+    per_pixel = -(p * p.log()).sum(1) / math.log(5)
+    masked = entropy_loss(logits, labels, form="masked")
+    torch.testing.assert_close(masked, per_pixel[:, 1:].mean())
+    assert (masked - entropy_loss(logits, labels)).abs() > 1e-4  # unmasked counts the band
+    assert entropy_loss(logits, torch.full_like(labels, 255), form="masked") == 0
 
 
 def test_class_weights_from_counts():
@@ -101,7 +108,7 @@ def test_no_host_sync_on_cuda():
         loss = (
             supervised_ce(logits, labels, weights)
             + pseudo_label_ce(logits, labels, conf, class_weights=weights)
-            + entropy_loss(logits, official=True)
+            + entropy_loss(logits, labels, form="masked")
         )
         loss.backward()
     finally:

@@ -79,14 +79,14 @@ def test_deeplabv2_resnet101_at_stride_8():
     assert net.feature_channels == 2048
 
 
-def _v2(official: bool) -> torch.nn.Module:
-    cfg = ModelConfig(arch="deeplabv2", backbone="resnet18", output_stride=8)
-    return build_segmenter(cfg, 3, MEAN, STD, official=official).eval()
+def _v2(branches: int) -> torch.nn.Module:
+    cfg = ModelConfig(arch="deeplabv2", backbone="resnet18", output_stride=8, v2_branches=branches)
+    return build_segmenter(cfg, 3, MEAN, STD).eval()
 
 
-def test_official_deeplabv2_sums_only_rates_6_and_12():
+def test_v2_branches_2_sums_only_rates_6_and_12():
     torch.manual_seed(0)
-    paper, official = _v2(False), _v2(True)
+    paper, official = _v2(4), _v2(2)
     official.load_state_dict(paper.state_dict())
     x = images(1, 48)
     with torch.no_grad():
@@ -102,6 +102,25 @@ def test_official_deeplabv2_sums_only_rates_6_and_12():
     torch.testing.assert_close(before_official, manual)
     assert (after_paper - before_paper).abs().max() > 1e-3
     assert (before_paper - before_official).abs().max() > 1e-6
+
+
+def test_backbone_bn_affine_frozen_keeps_the_backbone_batchnorm_weights():
+    def batchnorm_grads(affine: str):
+        torch.manual_seed(0)
+        cfg = ModelConfig(backbone="resnet18", decoder_channels=16, backbone_bn_affine=affine)
+        net = build_segmenter(cfg, 3, MEAN, STD).train()
+        logits, _ = net(images(2, 32))
+        logits.square().mean().backward()
+        backbone = [m for m in net.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        head = [m for m in net.head.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        return backbone, head
+
+    backbone, head = batchnorm_grads("frozen")
+    assert backbone and all(not m.weight.requires_grad and m.weight.grad is None for m in backbone)
+    assert all(m.bias.grad is None for m in backbone)
+    assert all(m.weight.grad is not None for m in head)  # only the backbone's are frozen
+    backbone, _ = batchnorm_grads("trained")
+    assert all(m.weight.grad is not None and m.bias.grad is not None for m in backbone)
 
 
 def test_dilation_matches_torchvision_replace_stride_with_dilation():
@@ -282,3 +301,43 @@ def test_load_segmenter_errors(tmp_path):
     torch.save({"model_state": {}}, tmp_path / "partial.pt")
     with pytest.raises(UserError, match="partial.pt"):
         load_segmenter(tmp_path / "partial.pt")
+
+
+def test_resnet_caffe_layout_strides_on_the_1x1_and_dilates_every_block():
+    torchvision_net = build_backbone("resnet50", 8)
+    caffe = build_backbone("resnet50", 8, "caffe")
+    assert caffe.maxpool.ceil_mode and not torchvision_net.maxpool.ceil_mode
+    first = caffe.layer2[0]
+    assert (first.conv1.stride, first.conv2.stride) == ((2, 2), (1, 1))
+    assert (torchvision_net.layer2[0].conv1.stride, torchvision_net.layer2[0].conv2.stride) == (
+        (1, 1),
+        (2, 2),
+    )
+    for stage, rate in (("layer3", 2), ("layer4", 4)):
+        assert all(b.conv2.dilation == (rate, rate) for b in getattr(caffe, stage)), stage
+        assert all(b.conv2.stride == (1, 1) for b in getattr(caffe, stage))
+        # torchvision's dilated stages keep the previous rate on the first block's 3x3.
+        assert getattr(torchvision_net, stage)[0].conv2.dilation == (rate // 2, rate // 2)
+    # Same parameters, a different function.
+    caffe.load_state_dict(torchvision_net.state_dict())
+    x = images(1, 64)
+    with torch.no_grad():
+        low_c, high_c = caffe.eval()((x - 127) / 64)
+        low_t, high_t = torchvision_net.eval()((x - 127) / 64)
+    # The max-pool rounds up: 17 rows where torchvision's gives 16.
+    assert tuple(low_c.shape[-2:]) == (17, 17) and tuple(low_t.shape[-2:]) == (16, 16)
+    assert high_c.shape[-1] == 9 and high_t.shape[-1] == 8
+    basic = build_backbone("resnet18", 8, "caffe")
+    assert basic.maxpool.ceil_mode and basic.layer2[0].conv1.stride == (2, 2)
+    assert all(b.conv1.dilation == (4, 4) for b in basic.layer4)
+
+
+@pytest.mark.parametrize("init", ["kaiming", "normal"])
+def test_head_init(init):
+    cfg = ModelConfig(backbone="resnet18", decoder_channels=32, head_init=init)
+    head = build_segmenter(cfg, 3, MEAN, STD).head
+    weight = head.decoder[0][0].weight  # a 3x3 conv over 32 + 48 channels
+    expected = 0.01 if init == "normal" else (2.0 / (weight[0].numel())) ** 0.5
+    assert weight.std().item() == pytest.approx(expected, rel=0.05)
+    classifier_std = head.classifier.weight.std().item()
+    assert (classifier_std == pytest.approx(0.01, rel=0.2)) == (init == "normal")

@@ -3,8 +3,8 @@ resampling (random scale + horizontal flip) and ClassMix, for a whole batch at o
 
 Images are float RGB in 0..255 [B, 3, H, W]; labels long [B, H, W] with 255 = ignore; the
 teacher confidence [B, H, W] (optional) follows the labels. Every random number comes from the
-given torch.Generator; `per_image=False` (the reference's behaviour) draws every decision once per
-batch. No host synchronisation.
+given torch.Generator; `per_image=False` draws every decision once per batch. No host
+synchronisation.
 """
 
 from __future__ import annotations
@@ -164,15 +164,19 @@ def augment(
     blur_sigma: tuple[float, float],
     generator: torch.Generator,
     per_image: bool = True,
+    anisotropic_blur: bool = False,
+    blur_taps: int | None = None,
+    photometric_last: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Colour jitter, blur, then one affine resampling (scale + flip) per image.
+    """Colour jitter, blur, then one affine resampling (scale + flip) per image; with
+    `photometric_last` the resampling comes first.
 
-    Photometric steps run before the geometric one so the padding stays exactly 0. Images whose
-    scale was not drawn keep their pixels exactly (a flip is then an exact mirror)."""
+    Photometric steps first keep the padding exactly 0. Images whose scale was not drawn keep
+    their pixels exactly (a flip is then an exact mirror)."""
     batch = images.shape[0]
     device = images.device
-    with torch.no_grad():
-        draws = _rand(generator, batch, per_image, device, count=13)
+
+    def photometric(images: torch.Tensor) -> torch.Tensor:
         apply_jitter = draws[:, 0] < side.jitter_prob
         if side.jitter_prob > 0:
             jittered = colour_jitter(images, side.jitter_strength, draws[:, 1:5])
@@ -180,11 +184,18 @@ def augment(
         if side.blur_prob > 0:
             apply_blur = draws[:, 5] < side.blur_prob
             sigma_x = _uniform(blur_sigma[0], blur_sigma[1], draws[:, 6])
-            # paper: isotropic sigma per image; official: one anisotropic kernel per batch.
-            sigma_y = sigma_x if per_image else _uniform(blur_sigma[0], blur_sigma[1], draws[:, 7])
-            radius = math.ceil(3.0 * max(blur_sigma))
+            sigma_y = sigma_x
+            if anisotropic_blur:
+                sigma_y = _uniform(blur_sigma[0], blur_sigma[1], draws[:, 7])
+            radius = math.ceil(3.0 * max(blur_sigma)) if blur_taps is None else blur_taps // 2
             blurred = gaussian_blur(images, sigma_x, sigma_y, radius)
             images = torch.where(apply_blur[:, None, None, None], blurred, images)
+        return images
+
+    with torch.no_grad():
+        draws = _rand(generator, batch, per_image, device, count=13)
+        if not photometric_last:
+            images = photometric(images)
         apply_scale = draws[:, 8] < side.scale_prob
         scale = torch.where(apply_scale, _uniform(scale_range[0], scale_range[1], draws[:, 9]), 1.0)
         flip = draws[:, 10] < side.flip_prob
@@ -200,6 +211,8 @@ def augment(
             confidence = torch.where(
                 scaled3, warped[2], torch.where(label_flip, confidence.flip(-1), confidence)
             )
+        if photometric_last:
+            images = photometric(images)
     return images, labels, confidence
 
 

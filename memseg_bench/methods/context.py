@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from memseg_bench.config import Config, is_official
+from memseg_bench.config import Config
 from memseg_bench.timing import PhaseTimer
 
 
@@ -23,16 +23,13 @@ class StepContext:
     teacher: nn.ModuleDict | None
     bank: dict | None
     generator: torch.Generator  # augmentation randomness, on the training device
+    n_unlabeled: int = 0  # images in the unlabeled split (0 without one)
     # Small running state saved in checkpoints (e.g. class counts for class weighting).
     extra_state: dict = field(default_factory=dict)
     # Concatenates per-rank candidate rows in rank order (identity in a single process).
     gather: Callable[[list], list] = lambda tensors: tensors
     world_size: int = 1
     timer: PhaseTimer = field(default_factory=PhaseTimer)
-
-    @property
-    def official(self) -> bool:
-        return is_official(self.config)
 
 
 @dataclass(frozen=True)
@@ -58,10 +55,10 @@ def labels_at(labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 @torch.no_grad()
 def teacher_forward(ctx: StepContext, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Teacher logits and features; `official` keeps the teacher in train mode (batch stats)."""
+    """Teacher logits and features, in the mode methods.selftrain.teacher_mode names."""
     teacher = ctx.teacher
     assert teacher is not None
-    teacher.train(ctx.official)
+    teacher.train(ctx.config.methods.selftrain.teacher_mode == "train")
     return teacher["net"](images)
 
 

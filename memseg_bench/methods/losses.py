@@ -4,6 +4,7 @@ normalised entropy, the ramp-up and the Cityscapes class weights. Ignore label 2
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 from torch.nn import functional as F
@@ -58,14 +59,40 @@ def pseudo_label_ce(
     return (per_pixel * confidence.to(per_pixel.dtype).pow(power)).mean()
 
 
-def entropy_loss(logits: torch.Tensor, official: bool = False) -> torch.Tensor:
-    """Mean entropy of softmax(logits) over dim 1, divided by log C (so in [0, 1])."""
+def entropy_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    form: Literal["unmasked", "masked", "broadcast"] = "unmasked",
+) -> torch.Tensor:
+    """Entropy of softmax(logits) over dim 1, divided by log C (so in [0, 1]), averaged over
+    every pixel (unmasked), over the pixels whose label [B, H, W] is not ignore (masked; 0 when
+    there is none), or the unmasked mean times the batch size (broadcast: what a broadcasting
+    slip in the code behind the published numbers computed)."""
     num_classes = logits.shape[1]
     log_probs = F.log_softmax(logits, dim=1)
     entropy = -(log_probs.exp() * log_probs).sum(dim=1) / math.log(max(num_classes, 2))
-    loss = entropy.mean()
-    # [official] the reference's broadcasting slip scaled this term by the batch size.
-    return loss * logits.shape[0] if official else loss
+    if form == "unmasked":
+        return entropy.mean()
+    if form == "broadcast":
+        return entropy.mean() * logits.shape[0]
+    if labels is None:
+        raise ValueError("the masked entropy needs the labels")
+    valid = (labels != IGNORE).to(entropy.dtype)
+    return (entropy * valid).sum() / valid.sum().clamp_min(1.0)
+
+
+def epoch_window_class_weights(
+    labeled_rows: torch.Tensor, unlabeled_rows: torch.Tensor, unlabeled_share: float
+) -> torch.Tensor:
+    """sqrt(median(freq) / freq_c) with freq = the summed labeled rows plus `unlabeled_share`
+    times the summed unlabeled rows (rows: per-step class counts [steps, C]), the median over
+    every class; a class never counted gets the largest weight (at least 1)."""
+    freq = labeled_rows.sum(0).double() + unlabeled_share * unlabeled_rows.sum(0).double()
+    weights = torch.quantile(freq, 0.5) / freq
+    unseen = freq == 0
+    weights = torch.where(unseen, 1.0, weights)
+    weights = torch.where(unseen, weights.max(), weights)
+    return torch.sqrt(weights).to(torch.float32)
 
 
 def class_weights_from_counts(counts: torch.Tensor) -> torch.Tensor:

@@ -118,6 +118,21 @@ def best_per_class(
     return features[picked], chosen.flatten(), keys[picked]
 
 
+def pixel_order_when_few(
+    classes: torch.Tensor, keys: torch.Tensor, k: int, num_classes: int, descending: bool
+) -> torch.Tensor:
+    """Ranking keys under which every class with at most k candidates keeps its row (pixel)
+    order, ahead of any ranking; the keys of larger classes are unchanged. Keys are compared
+    only within a class, so row indices can stand in for scores there."""
+    keys = keys.float()
+    usable = _usable_classes(classes.to(keys.device), num_classes)
+    sizes = torch.zeros(num_classes + 1, dtype=torch.long, device=keys.device)
+    sizes = sizes.index_add_(0, usable, torch.ones_like(usable))
+    rows = torch.arange(keys.shape[0], device=keys.device, dtype=keys.dtype)
+    in_order = -rows if descending else rows
+    return torch.where(sizes[usable] <= k, in_order, keys)
+
+
 def insert(
     bank: dict[str, torch.Tensor],
     features: torch.Tensor,

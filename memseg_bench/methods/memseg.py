@@ -4,6 +4,8 @@ selftrain and so also reads `methods.selftrain`."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch.nn import functional as F
 
@@ -22,6 +24,7 @@ from memseg_bench.methods.memory_bank import (
     insert,
     k_per_class,
     new_bank,
+    pixel_order_when_few,
     quality_mask,
     random_keys,
 )
@@ -33,19 +36,22 @@ def rank_order(ctx: StepContext) -> str:
     settings = ctx.config.methods.memseg
     if not settings.ranked_insertion:
         return "random"
-    if settings.rank_order == "auto":
-        return "lowest" if ctx.official else "highest"
     return settings.rank_order
 
 
 def memory_scores(ctx: StepContext) -> torch.Tensor | None:
-    """S'_c on the filled memory slots; `official` makes every memory weight 1 (S'_c inert)."""
-    if ctx.official or not ctx.config.methods.memseg.feature_weights:
+    """S'_c on the filled memory slots, or None (every memory weight 1) when the memory weights
+    are uniform."""
+    settings = ctx.config.methods.memseg
+    if settings.memory_weights == "uniform" or not settings.feature_weights:
         return None
     bank = ctx.bank
     filled = torch.arange(bank["features"].shape[1], device=bank["count"].device)
     filled = filled[None] < bank["count"][:, None]
-    return ctx.model["heads"]["selectors_memory"].score_all(bank["features"], filled)
+    rows = bank["features"]
+    if settings.memory_selector_input == "normalised":
+        rows = F.normalize(rows, dim=-1)
+    return ctx.model["heads"]["selectors_memory"].score_all(rows, filled)
 
 
 def pixel_term(ctx: StepContext, features: torch.Tensor, labels: torch.Tensor, mem_scores):
@@ -73,6 +79,8 @@ def losses(ctx: StepContext, labeled: dict, unlabeled: dict | None, step: int):
     assert unlabeled is not None
     terms, student = selftrain.forward(ctx, labeled, unlabeled, step)
     settings = ctx.config.methods.memseg
+    if settings.memory_update == "before_loss":
+        student = replace(student, diagnostics=student.diagnostics | bank_step(ctx, student, step))
     if step < settings.contrastive_start:
         return terms, student
     with ctx.timer("contrastive"):
@@ -88,6 +96,18 @@ def losses(ctx: StepContext, labeled: dict, unlabeled: dict | None, step: int):
     return terms, student
 
 
+def teacher_confidence(logits, feature_size, crop_size, resolution: str):
+    """Max probability and argmax of the teacher at feature resolution: computed there
+    (features), or at crop size on logits upsampled with align_corners=True and then taken at
+    the feature pixels by nearest downsampling (crop)."""
+    if resolution == "features":
+        return F.softmax(logits.float(), dim=1).max(dim=1)
+    logits = F.interpolate(logits.float(), size=crop_size, mode="bilinear", align_corners=True)
+    confidence, prediction = F.softmax(logits, dim=1).max(dim=1)
+    confidence = F.interpolate(confidence[:, None], size=feature_size, mode="nearest")[:, 0]
+    return confidence, labels_at(prediction, feature_size)
+
+
 @torch.no_grad()
 def bank_candidates(ctx: StepContext, images: torch.Tensor, labels: torch.Tensor):
     """Teacher features of every labeled pixel, projected, with their class where the pixel passes
@@ -95,7 +115,9 @@ def bank_candidates(ctx: StepContext, images: torch.Tensor, labels: torch.Tensor
     random keys when insertion is not ranked."""
     settings = ctx.config.methods.memseg
     logits, features = teacher_forward(ctx, images)
-    confidence, prediction = F.softmax(logits.float(), dim=1).max(dim=1)
+    confidence, prediction = teacher_confidence(
+        logits, features.shape[-2:], images.shape[-2:], settings.quality_resolution
+    )
     labels = labels_at(labels, features.shape[-2:]).flatten()
     keep = quality_mask(
         labels,
@@ -130,19 +152,28 @@ def update_bank(ctx: StepContext, student: StudentPass, step: int) -> dict:
         ctx.n_labeled, settings.memory_size, ctx.num_classes, global_batch, settings.k_rule
     )
     order = "highest" if rank_order(ctx) == "highest" else "lowest"
+    if settings.few_candidates_order == "pixel":
+        keys = pixel_order_when_few(classes, keys, k, ctx.num_classes, order == "highest")
     best = best_per_class(projected, classes, keys, k, ctx.num_classes, order == "highest")
     projected, classes, keys = ctx.gather(list(best))
     ctx.bank = insert(ctx.bank, projected.to(ctx.bank["features"].dtype), classes, keys, k, order)
     return stats
 
 
-def after_step(ctx: StepContext, student: StudentPass, step: int) -> dict:
-    """The bank update after the optimiser and EMA steps; logs the quality filter's pass rate."""
+def bank_step(ctx: StepContext, student: StudentPass, step: int) -> dict:
+    """The bank update; logs the quality filter's pass rate."""
     with ctx.timer("memory_update"):
         stats = update_bank(ctx, student, step)
     if not stats:
         return {}
     return {"filter_pass_rate": stats["kept"].float() / stats["valid"].clamp(min=1)}
+
+
+def after_step(ctx: StepContext, student: StudentPass, step: int) -> dict:
+    """The bank update after the optimiser and EMA steps (memory_update: after_step)."""
+    if ctx.config.methods.memseg.memory_update != "after_step":
+        return {}
+    return bank_step(ctx, student, step)
 
 
 def curve_columns(ctx: StepContext, class_names: list[str]) -> tuple[dict, dict]:

@@ -13,6 +13,7 @@ from memseg_bench.methods.ema import ema_alpha, ema_update
 from memseg_bench.methods.losses import (
     class_weights_from_counts,
     entropy_loss,
+    epoch_window_class_weights,
     pseudo_label_ce,
     ramp,
     supervised_ce,
@@ -32,12 +33,26 @@ def pseudo_labels(ctx: StepContext, images: torch.Tensor) -> tuple[torch.Tensor,
 
 
 def strong_views(ctx: StepContext, images, labels, confidence, step: int):
-    """Two independently augmented views of each unlabeled image (image, pseudo-label and p)."""
+    """Two independently augmented views of each unlabeled image (image, pseudo-label and p).
+
+    Per-image draws augment both views as one batch; per-batch draws augment each view as its own
+    batch, so the two views still get their own ClassMix decision and their own draws."""
     settings = ctx.config.train.augment
     selftrain = ctx.config.methods.selftrain
-    per_image = not ctx.official
-    images, labels, confidence = (torch.cat([t, t]) for t in (images, labels, confidence))
     mix_prob = settings.unlabeled.classmix_prob if step >= selftrain.ramp_iterations else 0.0
+    if settings.draws == "per_image":
+        both = (torch.cat([t, t]) for t in (images, labels, confidence))
+        return _strong_view(ctx, *both, mix_prob=mix_prob, per_image=True)
+    views = [
+        _strong_view(ctx, images, labels, confidence, mix_prob=mix_prob, per_image=False)
+        for _ in range(2)
+    ]
+    return tuple(torch.cat(parts) for parts in zip(*views, strict=True))
+
+
+def _strong_view(ctx: StepContext, images, labels, confidence, mix_prob: float, per_image: bool):
+    """ClassMix with the pseudo-labels, then the strong photometric and geometric steps."""
+    settings = ctx.config.train.augment
     images, labels, confidence = classmix(
         images,
         labels,
@@ -57,6 +72,9 @@ def strong_views(ctx: StepContext, images, labels, confidence, step: int):
         blur_sigma=settings.blur_sigma,
         generator=ctx.generator,
         per_image=per_image,
+        anisotropic_blur=settings.blur_shape == "anisotropic",
+        blur_taps=settings.blur_taps,
+        photometric_last=settings.photometric_order == "after_geometry",
     )
 
 
@@ -69,8 +87,6 @@ def class_counts(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
 
 def _class_weights(ctx: StepContext, labels: torch.Tensor, pseudo: torch.Tensor, step: int):
     """Cityscapes weighting from GT and recent pseudo-label counts, from class_weights_start on."""
-    if not ctx.config.methods.selftrain.class_weights:
-        return None
     counts = sum(class_counts(t, ctx.num_classes) for t in (labels, pseudo))
     previous = ctx.extra_state.get("class_counts")
     counts = counts if previous is None else 0.99 * previous + counts
@@ -78,6 +94,47 @@ def _class_weights(ctx: StepContext, labels: torch.Tensor, pseudo: torch.Tensor,
     if step < ctx.config.methods.selftrain.class_weights_start:
         return None
     return class_weights_from_counts(counts)
+
+
+def _epoch_window_class_weights(ctx: StepContext, labels, pseudo, step: int):
+    """Weighting from the first labeled epoch's label counts and the last unlabeled epoch's
+    pseudo-label counts, one row per step in extra_state (a ring buffer for the unlabeled rows)."""
+    state = ctx.extra_state
+    labeled_steps = ctx.n_labeled // labels.shape[0]
+    unlabeled_steps = ctx.n_unlabeled // pseudo.shape[0]
+    if "labeled_rows" not in state:
+        state["labeled_rows"] = labels.new_zeros(
+            (labeled_steps, ctx.num_classes), dtype=torch.float64
+        )
+        state["unlabeled_rows"] = labels.new_zeros(
+            (unlabeled_steps, ctx.num_classes), dtype=torch.float64
+        )
+        state["counted_steps"] = 0
+    counted = state["counted_steps"]
+    if counted < labeled_steps:
+        state["labeled_rows"][counted] = class_counts(labels, ctx.num_classes).double()
+    if unlabeled_steps > 0:
+        state["unlabeled_rows"][counted % unlabeled_steps] = class_counts(
+            pseudo, ctx.num_classes
+        ).double()
+    state["counted_steps"] = counted = counted + 1
+    settings = ctx.config.methods.selftrain
+    if counted < max(labeled_steps, unlabeled_steps) or step < settings.class_weights_start:
+        return None
+    share = min(1.0, counted / ctx.config.train.iterations)
+    return epoch_window_class_weights(state["labeled_rows"], state["unlabeled_rows"], share)
+
+
+def class_weights(ctx: StepContext, labeled: dict, pseudo, labeled_labels, view_labels, step: int):
+    """The class weights of L_sup and L_pseudo (None: unweighted), counted as
+    methods.selftrain.class_counts says: on the raw labels and pseudo-labels (epoch_window) or on
+    the augmented ones (decayed)."""
+    settings = ctx.config.methods.selftrain
+    if not settings.class_weights:
+        return None
+    if settings.class_counts == "epoch_window":
+        return _epoch_window_class_weights(ctx, labeled["label"], pseudo, step)
+    return _class_weights(ctx, labeled_labels, view_labels, step)
 
 
 @torch.no_grad()
@@ -93,6 +150,20 @@ def pseudo_label_quality(pseudo, confidence, hidden_labels) -> dict[str, torch.T
     }
 
 
+def student_forward(ctx: StepContext, labeled_images, view_images):
+    """(labeled logits, labeled features, view logits, view features): one forward on both
+    batches (joint: BatchNorm statistics over labeled images and views together), or the views
+    and then the labeled batch (separate)."""
+    net = ctx.model["net"]
+    if ctx.config.methods.selftrain.student_forward == "separate":
+        view_logits, view_features = net(view_images)
+        labeled_logits, labeled_features = net(labeled_images)
+        return labeled_logits, labeled_features, view_logits, view_features
+    n_labeled = labeled_images.shape[0]
+    logits, features = net(torch.cat([labeled_images, view_images]))
+    return logits[:n_labeled], features[:n_labeled], logits[n_labeled:], features[n_labeled:]
+
+
 def forward(ctx: StepContext, labeled: dict, unlabeled: dict, step: int):
     """Shared by selftrain and memseg: returns the loss terms and what the memory method needs."""
     selftrain = ctx.config.methods.selftrain
@@ -103,13 +174,13 @@ def forward(ctx: StepContext, labeled: dict, unlabeled: dict, step: int):
         view_images, view_labels, view_confidence = strong_views(
             ctx, unlabeled["image"], pseudo, confidence, step
         )
-    n_labeled = labeled_images.shape[0]
     with ctx.timer("student_forward"):
-        logits, features = ctx.model["net"](torch.cat([labeled_images, view_images]))
-        weights = _class_weights(ctx, labeled_labels, view_labels, step)
-        view_logits = logits[n_labeled:]
+        labeled_logits, labeled_features, view_logits, view_features = student_forward(
+            ctx, labeled_images, view_images
+        )
+        weights = class_weights(ctx, labeled, pseudo, labeled_labels, view_labels, step)
         terms = {
-            "sup": supervised_ce(logits[:n_labeled], labeled_labels, class_weights=weights),
+            "sup": supervised_ce(labeled_logits, labeled_labels, class_weights=weights),
             "pseudo": ramp(step, selftrain.ramp_iterations)
             * pseudo_label_ce(
                 view_logits,
@@ -119,13 +190,15 @@ def forward(ctx: StepContext, labeled: dict, unlabeled: dict, step: int):
                 class_weights=weights,
             ),
             "ent": selftrain.entropy_weight
-            * entropy_loss(resized(view_logits, view_labels.shape[-2:]), official=ctx.official),
+            * entropy_loss(
+                resized(view_logits, view_labels.shape[-2:]), view_labels, selftrain.entropy
+            ),
         }
     student = StudentPass(
         labeled_images=labeled_images,
         labeled_labels=labeled_labels,
-        labeled_features=features[:n_labeled],
-        view_features=features[n_labeled:],
+        labeled_features=labeled_features,
+        view_features=view_features,
         view_labels=view_labels,
         diagnostics=pseudo_label_quality(pseudo, confidence, unlabeled["label"]),
     )

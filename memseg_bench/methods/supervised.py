@@ -13,7 +13,7 @@ from memseg_bench.methods.method import Method
 def augment_labeled(ctx: StepContext, labeled: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """ClassMix with the ground truth, then scale / flip / weak colour jitter."""
     settings = ctx.config.train.augment
-    per_image = not ctx.official
+    per_image = settings.draws == "per_image"
     images, labels, _ = classmix(
         labeled["image"],
         labeled["label"],
@@ -33,6 +33,9 @@ def augment_labeled(ctx: StepContext, labeled: dict) -> tuple[torch.Tensor, torc
         blur_sigma=settings.blur_sigma,
         generator=ctx.generator,
         per_image=per_image,
+        anisotropic_blur=settings.blur_shape == "anisotropic",
+        blur_taps=settings.blur_taps,
+        photometric_last=settings.photometric_order == "after_geometry",
     )
     return images, labels
 

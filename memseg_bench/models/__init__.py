@@ -37,15 +37,19 @@ def build_segmenter(
     num_classes: int,
     mean: Sequence[float],
     std: Sequence[float],
-    official: bool = False,
 ) -> nn.Module:
     """A segmenter taking raw 0..255 RGB NCHW images and returning (logits, features) at the
-    feature stride. `official` only changes DeepLabv2 (two summed classifier branches)."""
+    feature stride."""
     if num_classes < 1:
         raise ValueError(f"num_classes must be positive, got {num_classes}")
-    backbone = build_backbone(model_cfg.backbone, model_cfg.output_stride)
+    backbone = build_backbone(model_cfg.backbone, model_cfg.output_stride, model_cfg.resnet_layout)
     if model_cfg.weights is not None:
         load_backbone_weights(backbone, weights_file(model_cfg.backbone, model_cfg.weights))
+    if model_cfg.backbone_bn_affine == "frozen":
+        for module in backbone.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine:
+                module.weight.requires_grad_(False)
+                module.bias.requires_grad_(False)
     if model_cfg.arch == "deeplabv3plus":
         head = DeepLabV3PlusHead(
             backbone.low_channels,
@@ -53,9 +57,10 @@ def build_segmenter(
             num_classes,
             model_cfg.output_stride,
             model_cfg.decoder_channels,
+            model_cfg.head_init,
         )
     elif model_cfg.arch == "deeplabv2":
-        head = DeepLabV2Head(backbone.high_channels, num_classes, official=official)
+        head = DeepLabV2Head(backbone.high_channels, num_classes, used=model_cfg.v2_branches)
     else:
         raise UserError(f"params: 'model.arch' is unknown: {model_cfg.arch!r}")
     return Segmenter(backbone, head, num_classes, mean, std)
@@ -68,8 +73,6 @@ def load_segmenter(model_file: str | Path) -> tuple[nn.Module, dict]:
     info["config"] the resolved Config and info["config_dict"] the plain dict stored in the file.
     Backbone weights are not re-read: the file's state replaces them.
     """
-    from memseg_bench.config import is_official
-
     path = Path(model_file)
     payload = torchfile.load(path, "model file")
     if not isinstance(payload, dict) or any(key not in payload for key in MODEL_FILE_KEYS):
@@ -85,7 +88,6 @@ def load_segmenter(model_file: str | Path) -> tuple[nn.Module, dict]:
         len(payload["class_names"]),
         config.data.mean,
         config.data.std,
-        official=is_official(config),
     )
     try:
         segmenter.load_state_dict(payload["model_state"], strict=True)

@@ -38,8 +38,24 @@ def _dilate_layer(layer: nn.Sequential, dilation: int) -> None:
             module.padding = (rate, rate)
 
 
+def _caffe_layout(net: nn.Module, dilated: dict[str, int]) -> None:
+    """The layout of Caffe-trained ResNets (DeepLabv2's COCO weights), same parameters: each
+    stage's first bottleneck strides on its 1x1 conv instead of the 3x3, the max-pool rounds its
+    output size up, and every 3x3 conv of a dilated stage gets that stage's full dilation."""
+    net.maxpool.ceil_mode = True
+    for name in ("layer2", "layer3", "layer4"):
+        stage = getattr(net, name)
+        first = stage[0]
+        if hasattr(first, "conv3") and first.conv2.stride == (2, 2):
+            first.conv1.stride, first.conv2.stride = (2, 2), (1, 1)
+        rate = dilated.get(name)
+        for conv in stage.modules() if rate is not None else ():
+            if isinstance(conv, nn.Conv2d) and conv.kernel_size == (3, 3):
+                conv.dilation = conv.padding = (rate, rate)
+
+
 class ResNetBackbone(nn.Module):
-    def __init__(self, name: str, output_stride: int) -> None:
+    def __init__(self, name: str, output_stride: int, layout: str = "torchvision") -> None:
         super().__init__()
         net = getattr(tv_models(), name)(weights=None)
         self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
@@ -49,11 +65,11 @@ class ResNetBackbone(nn.Module):
             net.layer3,
             net.layer4,
         )
-        if output_stride == 8:
-            _dilate_layer(self.layer3, 2)
-            _dilate_layer(self.layer4, 4)
-        else:
-            _dilate_layer(self.layer4, 2)
+        dilated = {"layer3": 2, "layer4": 4} if output_stride == 8 else {"layer4": 2}
+        for stage, rate in dilated.items():
+            _dilate_layer(getattr(self, stage), rate)
+        if layout == "caffe":
+            _caffe_layout(net, dilated)
         last = net.layer1[-1]
         self.low_channels = (last.bn3 if hasattr(last, "bn3") else last.bn2).num_features
         self.high_channels = net.fc.in_features
@@ -84,7 +100,7 @@ class MobileNetBackbone(nn.Module):
         return low, x
 
 
-def build_backbone(name: str, output_stride: int) -> nn.Module:
+def build_backbone(name: str, output_stride: int, resnet_layout: str = "torchvision") -> nn.Module:
     if name not in BACKBONES:
         raise UserError(f"params: 'model.backbone' must be one of {list(BACKBONES)}, got {name!r}")
     if output_stride not in (8, 16):
@@ -99,7 +115,7 @@ def build_backbone(name: str, output_stride: int) -> nn.Module:
                 f"params: 'model.output_stride' must be 16 for {name}, got {output_stride}"
             )
         return stride_16_only[name]()
-    return ResNetBackbone(name, output_stride)
+    return ResNetBackbone(name, output_stride, resnet_layout)
 
 
 def _optional(key: str) -> bool:

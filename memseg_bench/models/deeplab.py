@@ -63,6 +63,7 @@ class DeepLabV3PlusHead(nn.Module):
         num_classes: int,
         output_stride: int,
         channels: int = ASPP_CHANNELS,
+        init: str = "kaiming",
     ) -> None:
         super().__init__()
         rates = [rate * 16 // output_stride for rate in V3PLUS_RATES]
@@ -76,7 +77,11 @@ class DeepLabV3PlusHead(nn.Module):
         self.classifier = nn.Conv2d(channels, num_classes, 1)
         self.feature_channels = channels
         for module in self.modules():
-            if isinstance(module, nn.Conv2d) and module is not self.classifier:
+            if not isinstance(module, nn.Conv2d):
+                continue
+            if init == "normal":
+                nn.init.normal_(module.weight, std=0.01)
+            elif module is not self.classifier:
                 nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
 
     def forward(self, low: torch.Tensor, high: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,15 +92,15 @@ class DeepLabV3PlusHead(nn.Module):
 
 
 class DeepLabV2Head(nn.Module):
-    """Sum of dilated 3x3 classifiers on the backbone map. `official` reproduces the reference's
-    early return: only the first two branches (rates 6 and 12) are summed."""
+    """Sum of the first `used` dilated 3x3 classifiers on the backbone map (all four by default;
+    2 sums only rates 6 and 12, as an early return in the reference does)."""
 
-    def __init__(self, high_ch: int, num_classes: int, official: bool = False) -> None:
+    def __init__(self, high_ch: int, num_classes: int, used: int = len(V2_RATES)) -> None:
         super().__init__()
         self.branches = nn.ModuleList(
             nn.Conv2d(high_ch, num_classes, 3, padding=rate, dilation=rate) for rate in V2_RATES
         )
-        self.used = 2 if official else len(V2_RATES)
+        self.used = used
         self.feature_channels = high_ch
         for branch in self.branches:
             nn.init.normal_(branch.weight, std=0.01)
