@@ -6,6 +6,7 @@ sections of params.yaml. Unknown keys and wrong types are errors that name the d
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -448,12 +449,27 @@ def _with_behaviour(values: dict) -> dict:
         raise UserError(
             f"params: 'methods.behaviour' must be one of {list(BEHAVIOURS)}, got {behaviour!r}"
         )
-    memseg = methods.get("memseg") if isinstance(methods, dict) else None
-    if isinstance(memseg, dict) and memseg.get("rank_order") == "auto":
-        # Configs stored before the knobs existed say `auto`: the behaviour decides.
-        memseg = {key: value for key, value in memseg.items() if key != "rank_order"}
-        values = {**values, "methods": {**methods, "memseg": memseg}}
     return deep_merge(BEHAVIOURS[behaviour], values)
+
+
+def stored_config(values: dict) -> Config:
+    """The Config of a model file or checkpoint, also one written by an earlier version: keys
+    that have moved since are read at their new place, with the meaning they had."""
+    values = copy.deepcopy(values)
+    methods = values.get("methods") or {}
+    selftrain, memseg = methods.get("selftrain") or {}, methods.get("memseg") or {}
+    if "classmix_drop_background" in selftrain:
+        augment = values.setdefault("train", {}).setdefault("augment", {})
+        augment["classmix_drop_background"] = selftrain.pop("classmix_drop_background")
+    if (
+        "selftrain" in methods
+        and "class_weights_start" not in selftrain
+        and "contrastive_start" in memseg
+    ):
+        selftrain["class_weights_start"] = memseg["contrastive_start"]
+    if memseg.get("rank_order") == "auto":  # the behaviour decided
+        del memseg["rank_order"]
+    return config_from_dict(values)
 
 
 def available_presets() -> list[str]:

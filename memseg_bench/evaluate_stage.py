@@ -7,7 +7,7 @@ import hashlib
 from pathlib import Path
 
 from memseg_bench import torchfile
-from memseg_bench.config import Config, ModelConfig, config_from_dict
+from memseg_bench.config import Config, ModelConfig, stored_config
 from memseg_bench.errors import UserError
 from memseg_bench.fileio import read_json, write_json, write_text
 from memseg_bench.run_metrics import Compute, Protocol, RunMetrics
@@ -65,7 +65,7 @@ def _stored_config(model_file: Path, summary: dict, summary_file: Path) -> Confi
             f"entries {list(MODEL_FILE_KEYS)}"
         )
     try:
-        config = config_from_dict(stored["config"])
+        config = stored_config(stored["config"])
     except UserError as error:
         raise UserError(f"model file {model_file}: stored config is invalid: {error}") from None
     trained = summary.get("provenance", {}).get("config_hash")

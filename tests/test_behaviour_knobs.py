@@ -52,9 +52,6 @@ def test_explicit_knob_values_win_over_the_behaviour():
     )
     assert config.methods.selftrain.student_forward == "joint"
     assert config.methods.selftrain.teacher_mode == "train"  # the rest of the preset stays
-    # A stored config of before the knobs (rank_order auto) still loads: the behaviour decides.
-    old = {"methods": {"behaviour": "official", "memseg": {"rank_order": "auto"}}}
-    assert config_from_dict(old).methods.memseg.rank_order == "lowest"
 
 
 def _unlabeled(batch=2, crop=32, seed=0):

@@ -9,6 +9,7 @@ from memseg_bench.config import (
     config_hash,
     dump_config,
     load_config,
+    stored_config,
 )
 from memseg_bench.errors import UserError
 
@@ -104,3 +105,20 @@ def test_optimizer_is_a_named_choice():
     assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["momentum"] == 0.9
     with pytest.raises(UserError, match="train.optimizer"):
         config_from_dict({"train": {"optimizer": "adam"}})
+
+
+def test_a_config_stored_by_an_earlier_version_loads_with_its_meaning():
+    old = {
+        "preset": "camvid",
+        "methods": {
+            "behaviour": "official",
+            "selftrain": {"classmix_drop_background": True},
+            "memseg": {"rank_order": "auto", "contrastive_start": 300},
+        },
+    }
+    config = stored_config(old)
+    assert config.train.augment.classmix_drop_background is True
+    assert config.methods.selftrain.class_weights_start == 300
+    assert config.methods.memseg.rank_order == "lowest"  # auto: the behaviour decided
+    with pytest.raises(UserError, match="classmix_drop_background"):
+        config_from_dict(old)  # params files get no such pass

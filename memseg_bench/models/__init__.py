@@ -9,7 +9,7 @@ from pathlib import Path
 from torch import nn
 
 from memseg_bench import torchfile
-from memseg_bench.config import ModelConfig, config_from_dict
+from memseg_bench.config import ModelConfig, stored_config
 from memseg_bench.errors import UserError
 from memseg_bench.models.backbones import (
     BACKBONES,
@@ -78,7 +78,7 @@ def load_segmenter(model_file: str | Path) -> tuple[nn.Module, dict]:
     if not isinstance(payload, dict) or any(key not in payload for key in MODEL_FILE_KEYS):
         raise UserError(f"model file {path} lacks one of the entries {list(MODEL_FILE_KEYS)}")
     try:
-        config = config_from_dict(payload["config"])
+        config = stored_config(payload["config"])
     except UserError as error:
         raise UserError(f"model file {path}: stored config is invalid: {error}") from None
     # The stored weights replace the backbone init: do not require the original weights file.
