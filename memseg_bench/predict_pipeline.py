@@ -1,10 +1,10 @@
 """The folder pipeline of `memseg predict`: decode, model, write, overlapped.
 
 A reader thread decodes (and, past max_side, downscales) the next images while the model runs on
-the current batch in the calling thread; a writer thread takes the argmax, builds the overlay and
-writes both PNGs. Pillow, numpy and onnxruntime release the GIL in their heavy loops, so the
-three overlap. Images wait in small bounded queues: memory stays that of a few images whatever
-the folder holds.
+the current batches (`runs` at once, on threads of their own); a writer thread takes the argmax,
+builds the overlay and writes both PNGs. Pillow, numpy and onnxruntime release the GIL in their
+heavy loops, so all of them overlap. Images wait in small bounded queues: memory stays that of a
+few images whatever the folder holds.
 """
 
 from __future__ import annotations
@@ -167,11 +167,44 @@ def run_pipeline(
     on_result: Callable[[dict], None],
     on_skip: Callable[[UserError], None],
     with_overlay: bool = True,
+    runs: int = 1,
 ) -> PipelineRun:
     run = PipelineRun()
     started = time.perf_counter()
     writes: deque[list[tuple[int, Future]]] = deque()
+    running: deque[tuple[list[Decoded], Future]] = deque()
     done: list[tuple[int, dict]] = []
+
+    def infer(group: list[Decoded]) -> tuple[np.ndarray, float]:
+        inputs = np.stack([item.model_input.transpose(2, 0, 1) for item in group])
+        feed = {INPUT_NAME: inputs.astype(np.float32)}
+        start = time.perf_counter()
+        (logits,) = session.run([OUTPUT_NAME], feed)
+        return logits, time.perf_counter() - start
+
+    def hand_over(group: list[Decoded], inferred: Future) -> None:
+        logits, elapsed = inferred.result()
+        run.session_s += elapsed
+        writes.append(
+            [
+                (
+                    item.position,
+                    writer.submit(
+                        write,
+                        item,
+                        item_logits,
+                        info,
+                        folder_for(item.path),
+                        elapsed * 1000,
+                        len(group),
+                        with_overlay,
+                    ),
+                )
+                for item, item_logits in zip(group, logits, strict=True)
+            ]
+        )
+        if len(writes) > WRITES_IN_FLIGHT:
+            finish(writes.popleft())
 
     def finish(futures: list[tuple[int, Future]]) -> None:
         for position, future in futures:
@@ -181,37 +214,17 @@ def run_pipeline(
 
     with (
         ThreadPoolExecutor(1, thread_name_prefix="memseg-read") as reader,
+        ThreadPoolExecutor(runs, thread_name_prefix="memseg-model") as model,
         ThreadPoolExecutor(1, thread_name_prefix="memseg-write") as writer,
     ):
-        decoded = decoded_in_order(images, max_side, batch + READ_AHEAD, reader, run, on_skip)
+        window = runs * batch + READ_AHEAD
+        decoded = decoded_in_order(images, max_side, window, reader, run, on_skip)
         for group in batches(decoded, batch):
-            inputs = np.stack([item.model_input.transpose(2, 0, 1) for item in group])
-            feed = {INPUT_NAME: inputs.astype(np.float32)}
-            start = time.perf_counter()
-            (logits,) = session.run([OUTPUT_NAME], feed)
-            elapsed = time.perf_counter() - start
-            run.session_s += elapsed
-            latency_ms = elapsed * 1000
-            writes.append(
-                [
-                    (
-                        item.position,
-                        writer.submit(
-                            write,
-                            item,
-                            item_logits,
-                            info,
-                            folder_for(item.path),
-                            latency_ms,
-                            len(group),
-                            with_overlay,
-                        ),
-                    )
-                    for item, item_logits in zip(group, logits, strict=True)
-                ]
-            )
-            if len(writes) > WRITES_IN_FLIGHT:
-                finish(writes.popleft())
+            running.append((group, model.submit(infer, group)))
+            if len(running) >= runs:
+                hand_over(*running.popleft())
+        while running:
+            hand_over(*running.popleft())
         while writes:
             finish(writes.popleft())
     run.results = [result for _, result in sorted(done, key=lambda pair: pair[0])]

@@ -351,3 +351,37 @@ def test_class_ids_is_the_argmax_with_the_first_class_on_ties():
     ids = class_ids(logits)
     assert ids.dtype == np.uint8
     np.testing.assert_array_equal(ids, logits.argmax(0))
+
+
+def test_parallel_runs_on_the_cpu_use_every_core_one_image_each(monkeypatch):
+    import memseg_bench.runtime as runtime
+    from memseg_bench.predict import parallel_runs
+
+    monkeypatch.setattr(runtime, "machine_threads", lambda: 4)
+    cpu, cuda = [runtime.CPU], [runtime.CUDA, runtime.CPU]
+    assert parallel_runs(cpu, 0) == (1, 4)
+    assert parallel_runs(cpu, 2) == (2, 2)
+    assert parallel_runs(cpu, 8) == (8, 1)
+    assert parallel_runs(cuda, 0) == (0, 1)
+    with pytest.raises(UserError, match="--threads"):
+        parallel_runs(cpu, -1)
+
+
+def test_images_run_in_parallel_give_the_masks_of_one_at_a_time(exported, tmp_path):
+    from memseg_bench.predict import open_session
+    from memseg_bench.predict_pipeline import run_pipeline
+
+    write_folder(tmp_path / "in")
+    (tmp_path / "in" / "broken.png").unlink()
+    images = sorted((tmp_path / "in").iterdir())
+    session, info = open_session(str(exported["onnx"]), "cpu", 1)
+    masks = {}
+    for runs in (1, 3):
+        out = tmp_path / f"o{runs}"
+        out.mkdir()
+        run = run_pipeline(session, info, images, lambda _, out=out: out, 0, 1, lambda _: None,
+                           print, runs=runs)  # fmt: skip
+        assert [Path(r["input"]).stem for r in run.results] == list("abcdef")
+        masks[runs] = [np.asarray(Image.open(r["mask"])) for r in run.results]
+    for one, parallel in zip(masks[1], masks[3], strict=True):
+        np.testing.assert_array_equal(one, parallel)

@@ -13,8 +13,11 @@ CPU_PROVIDERS = ["CPUExecutionProvider"]
 
 
 def bench_folder(model: Path, folder: Path, threads: int) -> dict:
-    """Images/s of predict's pipeline (decode, model, write) on every image of `folder`, and of
-    the same session on the same images already decoded, one at a time."""
+    """Images/s of predict's pipeline (decode, model, write) on every image of `folder`; of its
+    session alone on the same images already decoded, as many at a time as predict runs; and of
+    one image at a time on `threads` threads (predict's way before it ran images in parallel)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     import numpy as np
 
     from memseg_bench.fileio import read_image
@@ -22,31 +25,39 @@ def bench_folder(model: Path, folder: Path, threads: int) -> dict:
     from memseg_bench.predict_pipeline import run_pipeline
 
     images = collect_images([str(folder)])
-    session, info = open_session(str(model), "cpu", threads)
     decoded = [read_image(path, orient=True).transpose(2, 0, 1)[None] for path in images]
     feeds = [{"image": np.ascontiguousarray(image, dtype=np.float32)} for image in decoded]
-    session.run(["logits"], feeds[0])  # warm-up, outside both timings
-    start = time.perf_counter()
-    for feed in feeds:
-        session.run(["logits"], feed)
-    bare_s = time.perf_counter() - start
+
+    def bare_rate(session, runs: int) -> float:
+        session.run(["logits"], feeds[0])  # warm-up, outside the timing
+        start = time.perf_counter()
+        with ThreadPoolExecutor(runs) as pool:
+            list(pool.map(lambda feed: session.run(["logits"], feed), feeds))
+        return len(feeds) / (time.perf_counter() - start)
+
+    one_image, _ = open_session(str(model), "cpu", threads)
+    one_image_rate = bare_rate(one_image, 1)
+    session, info, runs = open_session(str(model), "cpu", 0, per_image=True)
+    session_rate = bare_rate(session, runs)
     rates = {}
     for with_overlay in (True, False):
         with tempfile.TemporaryDirectory(prefix="memseg-bench-out-") as out:
             run = run_pipeline(
                 session, info, images, lambda _: Path(out), MAX_SIDE, 1, lambda _: None, print,
-                with_overlay=with_overlay,
+                with_overlay=with_overlay, runs=runs,
             )  # fmt: skip
         rates[with_overlay] = len(run.results) / run.wall_s
-    session_rate = len(feeds) / bare_s
     return {
         "folder": str(folder),
         "images": len(run.results),
+        "runs": runs,
         "predict_images_per_s": rates[True],
         "session_images_per_s": session_rate,
         "ratio": rates[True] / session_rate,
         "masks_only_images_per_s": rates[False],
         "masks_only_ratio": rates[False] / session_rate,
+        "one_image_images_per_s": one_image_rate,
+        "ratio_to_one_image": rates[True] / one_image_rate,
     }
 
 

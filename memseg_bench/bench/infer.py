@@ -247,13 +247,16 @@ def print_results(results: list[dict], threads: int) -> None:
             console.print(f"{result['model']} ORT {name}: session options")
             console.print(table)
         if result["folder"]:
-            table = Table("model", "images", "session images/s", "predict images/s", "ratio",
-                          "--no-overlay images/s", "ratio")  # fmt: skip
+            table = Table("model", "images", "images at once", "session images/s",
+                          "predict images/s", "ratio", "--no-overlay images/s", "ratio",
+                          "one image on all cores, images/s", "predict / that")  # fmt: skip
             for row in result["folder"]:
                 table.add_row(
-                    row["model"], str(row["images"]), f"{row['session_images_per_s']:.1f}",
+                    row["model"], str(row["images"]), str(row["runs"]),
+                    f"{row['session_images_per_s']:.1f}",
                     f"{row['predict_images_per_s']:.1f}", f"{row['ratio']:.3f}",
                     f"{row['masks_only_images_per_s']:.1f}", f"{row['masks_only_ratio']:.3f}",
+                    f"{row['one_image_images_per_s']:.1f}", f"{row['ratio_to_one_image']:.3f}",
                 )  # fmt: skip
             console.print(f"{result['model']}: folder {result['folder'][0]['folder']}")
             console.print(table)
