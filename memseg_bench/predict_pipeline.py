@@ -215,7 +215,7 @@ def run_pipeline(
     with (
         ThreadPoolExecutor(1, thread_name_prefix="memseg-read") as reader,
         ThreadPoolExecutor(runs, thread_name_prefix="memseg-model") as model,
-        ThreadPoolExecutor(1, thread_name_prefix="memseg-write") as writer,
+        ThreadPoolExecutor(runs, thread_name_prefix="memseg-write") as writer,
     ):
         window = runs * batch + READ_AHEAD
         decoded = decoded_in_order(images, max_side, window, reader, run, on_skip)
