@@ -207,7 +207,6 @@ class Trainer:
             bank = self.method.new_bank(config, self.num_classes, self.device)
         self.ctx = StepContext(
             config=config,
-            method=spec.method,
             num_classes=self.num_classes,
             n_labeled=self.n_labeled,
             model=self.model,

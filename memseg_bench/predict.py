@@ -59,19 +59,14 @@ def parallel_runs(providers: list[str], threads: int) -> tuple[int, int]:
     return per_image, max(1, machine_threads() // per_image)
 
 
-def open_session(model: str, provider: str = "auto", threads: int = 0, per_image: bool = False):
-    """An onnxruntime session on our exported model, with its metadata checked. With
-    `per_image`, `threads` is read as parallel_runs reads it and the session comes with the
-    number of images to run at once: (session, info, runs)."""
+def open_session(model: str, provider: str = "auto", threads: int = 0):
+    """An onnxruntime session on our exported model, with its metadata checked."""
     from memseg_bench.runtime import CUDA, Tuning, create_session, providers_for
 
     providers = providers_for(provider)
     path = Path(model)
     if not path.is_file():
         raise UserError(f"model not found: {path}")
-    runs = 1
-    if per_image:
-        threads, runs = parallel_runs(providers, threads)
     # The decode and write threads need the cores between the model's operators.
     session = create_session(path, providers, Tuning(threads=threads, spinning=False))
     if provider == "cuda" and session.get_providers()[0] != CUDA:
@@ -85,8 +80,16 @@ def open_session(model: str, provider: str = "auto", threads: int = 0, per_image
             f"model {path} is not a memseg_bench export (expected input '{INPUT_NAME}', output "
             f"'{OUTPUT_NAME}' and metadata {list(REQUIRED_METADATA)})"
         )
-    info = _read_metadata(metadata, path)
-    return (session, info, runs) if per_image else (session, info)
+    return session, _read_metadata(metadata, path)
+
+
+def open_parallel_session(model: str, provider: str = "auto", threads: int = 0):
+    """(session, info, runs): a session with parallel_runs' threads per image, and how many
+    images to run on it at once."""
+    from memseg_bench.runtime import providers_for
+
+    per_image, runs = parallel_runs(providers_for(provider), threads)
+    return (*open_session(model, provider, per_image), runs)
 
 
 def _read_metadata(metadata: dict, path: Path) -> dict:
@@ -164,7 +167,7 @@ def predict(
     images = collect_images(inputs)
     if output_dir is not None:
         _check_writable(Path(output_dir))
-    session, info, runs = open_session(model, provider, threads, per_image=True)
+    session, info, runs = open_parallel_session(model, provider, threads)
     console.print(
         f"model {model}: provider {session.get_providers()[0]}, "
         f"{runs} image{'s' if runs > 1 else ''} at a time"

@@ -21,7 +21,12 @@ def bench_folder(model: Path, folder: Path, threads: int) -> dict:
     import numpy as np
 
     from memseg_bench.fileio import read_image
-    from memseg_bench.predict import MAX_SIDE, collect_images, open_session
+    from memseg_bench.predict import (
+        MAX_SIDE,
+        collect_images,
+        open_parallel_session,
+        open_session,
+    )
     from memseg_bench.predict_pipeline import run_pipeline
 
     images = collect_images([str(folder)])
@@ -37,7 +42,7 @@ def bench_folder(model: Path, folder: Path, threads: int) -> dict:
 
     one_image, _ = open_session(str(model), "cpu", threads)
     one_image_rate = bare_rate(one_image, 1)
-    session, info, runs = open_session(str(model), "cpu", 0, per_image=True)
+    session, info, runs = open_parallel_session(str(model), "cpu")
     session_rate = bare_rate(session, runs)
     rates = {}
     for with_overlay in (True, False):

@@ -16,7 +16,6 @@ from memseg_bench.timing import PhaseTimer
 @dataclass
 class StepContext:
     config: Config
-    method: str
     num_classes: int
     n_labeled: int
     model: nn.ModuleDict  # "net": the segmenter, "heads": projection/prediction/selectors (memseg)

@@ -85,7 +85,7 @@ def class_counts(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     return torch.zeros(num_classes, device=labels.device).index_add_(0, index, inside.float())
 
 
-def _class_weights(ctx: StepContext, labels: torch.Tensor, pseudo: torch.Tensor, step: int):
+def _decayed_class_weights(ctx: StepContext, labels: torch.Tensor, pseudo: torch.Tensor, step: int):
     """Cityscapes weighting from GT and recent pseudo-label counts, from class_weights_start on."""
     counts = sum(class_counts(t, ctx.num_classes) for t in (labels, pseudo))
     previous = ctx.extra_state.get("class_counts")
@@ -134,7 +134,7 @@ def class_weights(ctx: StepContext, labeled: dict, pseudo, labeled_labels, view_
         return None
     if settings.class_counts == "epoch_window":
         return _epoch_window_class_weights(ctx, labeled["label"], pseudo, step)
-    return _class_weights(ctx, labeled_labels, view_labels, step)
+    return _decayed_class_weights(ctx, labeled_labels, view_labels, step)
 
 
 @torch.no_grad()
