@@ -58,18 +58,22 @@ def parse_run_name(name: str, family: str) -> RunSpec:
 
 
 def config_for_run(config, spec: RunSpec):
-    """The run's configuration: an ablation variant overrides values of its method's section."""
-    import dataclasses
-
+    """The run's configuration: an ablation variant sets its dotted config keys."""
+    from memseg_bench.config import config_from_dict, config_to_dict
     from memseg_bench.methods import METHODS
 
     if spec.variant is None:
         return config
-    method = METHODS[spec.method]
-    section = getattr(config.methods, method.section)
-    changed = dataclasses.replace(section, **method.ablations[spec.variant])
-    methods = dataclasses.replace(config.methods, **{method.section: changed})
-    return dataclasses.replace(config, methods=methods)
+    values = config_to_dict(config)
+    for dotted, value in METHODS[spec.method].ablations[spec.variant].items():
+        *parents, leaf = dotted.split(".")
+        section = values
+        for key in parents:
+            section = section[key]
+        if leaf not in section:
+            raise KeyError(f"ablation {spec.variant!r}: no config key {dotted!r}")
+        section[leaf] = value
+    return config_from_dict(values)
 
 
 def seed_everything(seed: int) -> None:

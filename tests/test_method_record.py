@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+from pathlib import Path
 
+import pytest
 import torch
 
 from memseg_bench.methods import METHODS
@@ -13,6 +15,8 @@ from memseg_bench.methods.losses import supervised_ce
 from memseg_bench.methods.method import Method
 from memseg_bench.methods.selftrain import update_teacher
 from tests.trainers import make_trainer, tiny_config
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def consistency_losses(ctx, labeled, unlabeled, step):
@@ -73,3 +77,37 @@ def test_the_shipped_methods_are_records():
     assert not METHODS["supervised"].needs_teacher and not METHODS["supervised"].needs_bank
     assert METHODS["selftrain"].needs_teacher and not METHODS["selftrain"].needs_bank
     assert METHODS["memseg"].needs_teacher and METHODS["memseg"].needs_bank
+
+
+def test_each_ablation_variant_sets_exactly_its_keys():
+    from memseg_bench.config import config_to_dict, load_config
+    from memseg_bench.methods import METHODS
+    from memseg_bench.runs import config_for_run, make_spec
+
+    def flat(values, prefix=""):
+        out = {}
+        for key, value in values.items():
+            if isinstance(value, dict):
+                out.update(flat(value, f"{prefix}{key}."))
+            else:
+                out[f"{prefix}{key}"] = value
+        return out
+
+    base = load_config(ROOT / "params.yaml")
+    before = flat(config_to_dict(base))
+    for name, overrides in METHODS["memseg"].ablations.items():
+        after = flat(config_to_dict(config_for_run(base, make_spec("memseg", "random", 5, 0, name))))
+        changed = {key: after[key] for key in before if after[key] != before[key]}
+        assert changed == overrides, name
+
+
+def test_an_ablation_naming_a_missing_key_fails(monkeypatch):
+    from memseg_bench.config import load_config
+    from memseg_bench.methods import METHODS
+    from memseg_bench.runs import config_for_run, make_spec
+
+    memseg = METHODS["memseg"]
+    broken = dataclasses.replace(memseg, ablations={"typo": {"methods.memseg.wieght_labeled": 0.0}})
+    monkeypatch.setitem(METHODS, "memseg", broken)
+    with pytest.raises(KeyError, match="wieght_labeled"):
+        config_for_run(load_config(ROOT / "params.yaml"), make_spec("memseg", "random", 5, 0, "typo"))

@@ -36,7 +36,7 @@ class Method:
     # (ctx, class names) at each log step: (columns of the curve row, per-class row or None).
     curve_columns: Callable[[StepContext, list[str]], tuple[dict, dict | None]] | None = None
     # The section of `methods.` in the config that the method owns, and its ablation variants:
-    # variant name -> overrides of that section.
+    # variant name -> {dotted config key: value}, e.g. {"methods.memseg.weight_labeled": 0.0}.
     section: str | None = None
     ablations: Mapping[str, dict] = field(default_factory=dict)
 
