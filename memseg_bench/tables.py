@@ -289,10 +289,6 @@ def format_cell(cell: dict | None) -> str:
     return f"{cell['mean']:.1f} ± {cell['std']:.1f} (n={cell['n']})"
 
 
-def _signed(value: float | None) -> str:
-    return "–" if value is None else f"{value:+.1f}"
-
-
 def _cell(records: Sequence[dict], value) -> dict | None:
     rows = [(value(r), r["run"], r["seed"]) for r in sorted(records, key=lambda r: r["seed"])]
     rows = [row for row in rows if row[0] is not None]
@@ -378,22 +374,28 @@ def ablation_table(records: Sequence[dict], methods_order: Sequence[str] = DEFAU
     rows, summary = [], {}
     for method, behaviour in groups:
         mine = [r for r in at_n if r["method"] == method and r["behaviour"] == behaviour]
-        full = {r["seed"]: _miou(r) for r in mine if r["variant"] is None}
+        full = _cell([r for r in mine if r["variant"] is None], _miou)
         for label in _labels(mine, methods_order):
             runs = [r for r in mine if row_label(r) == label]
             cell = _cell(runs, _miou)
-            paired = [_miou(r) - full[r["seed"]] for r in runs if r["seed"] in full]
-            is_full = runs[0]["variant"] is None
-            delta = None if is_full or not paired else statistics.fmean(paired)
-            summary[label] = {"cell": cell, "delta_same_seeds": delta, "paired_n": len(paired)}
-            shown = "(full method)" if is_full else f"{_signed(delta)} (n={len(paired)})"
-            rows.append([label, format_cell(cell), shown if is_full or paired else "–"])
+            if runs[0]["variant"] is None:
+                summary[label] = {"cell": cell, "delta_same_seeds": None, "paired_n": 0}
+                rows.append([label, format_cell(cell), "(full method)"])
+                continue
+            gain = paired_gain(cell, full) if full is not None else None
+            summary[label] = {
+                "cell": cell,
+                "delta_same_seeds": gain and gain["value"],
+                "paired_n": gain["n"] if gain else 0,
+                "interval95": gain and gain["interval95"],
+            }
+            rows.append([label, format_cell(cell), format_gain(gain)])
     pid = records[0]["protocol"]["id"]
     notes = [
         f"{n} labeled images, last iterate; {_caption(pid, records)}; Δ = variant − full method "
-        "over the seeds both have."
+        "over the seeds both have, with Student's t interval over the paired differences."
     ]
-    header = ["variant", "mIoU (%)", "Δ vs full (same seeds)"]
+    header = ["variant", "mIoU (%)", "Δ vs full, paired by seed: mean [95% interval]"]
     return Table(f"Ablations: {pid}", header, [(None, rows)], notes), {"n_labeled": n, **summary}
 
 

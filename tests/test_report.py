@@ -294,3 +294,20 @@ def test_update_readme_replaces_only_the_named_block(tmp_path):
     assert "<!-- results:start -->\nold\n<!-- results:end -->" in text
     with pytest.raises(UserError, match="no <!-- voc:start -->"):
         update_readme(readme, "x", "voc")
+
+
+def test_ablation_delta_is_paired_by_seed_with_an_interval(tmp_path):
+    full = [record("memseg", 5, s, v) for s, v in enumerate([0.40, 0.50, 0.45])]
+    # the variant's seeds are the full method's shifted by -1, -3 and -2 points
+    variant = [
+        record("memseg", 5, s, v, variant="masked_entropy")
+        for s, v in enumerate([0.39, 0.47, 0.43])
+    ]
+    summary = build_report(write(tmp_path / "metrics", full + variant), tmp_path / "tables")
+    ablation = summary["protocols"][summary["default_protocol"]]["tables"]["ablation"]
+    row = ablation["memseg+masked_entropy"]
+    assert row["delta_same_seeds"] == pytest.approx(-2.0)
+    assert row["paired_n"] == 3
+    half = 4.303 * 1.0 / 3**0.5
+    assert row["interval95"] == pytest.approx([-2.0 - half, -2.0 + half])
+    assert "-2.0 [-4.5, +0.5] (n=3)" in squeezed(next((tmp_path / "tables").glob("ablation_*.md")))
