@@ -55,14 +55,15 @@ def protocol_checks(main: dict, curves_dir: Path, limits: ReportConfig) -> dict:
             curve = _curve(curves_dir, run)
             plateau[run] = None if curve is None else last_part_gain(curve)
     measured = [p["gain"] for p in plateau.values() if p is not None]
-    checks["plateau"] = {
-        "runs": plateau,
-        "max_gain": max(measured) if measured else None,
-        "limit": limits.plateau_max_gain,
-        "passed": bool(measured)
-        and len(measured) == len(plateau)
-        and max(measured) < limits.plateau_max_gain,
-    }
+    if plateau:
+        checks["plateau"] = {
+            "runs": plateau,
+            "max_gain": max(measured) if measured else None,
+            "limit": limits.plateau_max_gain,
+            "passed": bool(measured)
+            and len(measured) == len(plateau)
+            and max(measured) < limits.plateau_max_gain,
+        }
     if len(counts) >= 2:
         low, full = counts[0], counts[-1]
         headroom = supervised[full]["mean"] - supervised[low]["mean"]

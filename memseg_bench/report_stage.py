@@ -62,6 +62,20 @@ def update_readme(readme: Path, table_markdown: str, block: str = "results") -> 
     write_text(readme, replaced)
 
 
+def readme_results(tables_dir: Path, protocol_tables: dict, checks: dict) -> str:
+    """The README's results block: the main table, the ablation table when the protocol has
+    variant runs, and the protocol checks that apply."""
+    from memseg_bench.protocol_checks import describe
+
+    shown = [(tables_dir / "main.md").read_text()]
+    if "ablation" in protocol_tables:
+        shown.append((tables_dir / f"{protocol_tables['ablation']['file']}.md").read_text())
+    lines = describe(checks)
+    if lines:
+        shown.append("Protocol checks:\n\n" + "\n".join(f"- {line}" for line in lines))
+    return "\n".join(shown)
+
+
 def write_reports(
     config: Config,
     metrics_dir: Path,
@@ -72,7 +86,7 @@ def write_reports(
 ) -> dict:
     from memseg_bench import figures
     from memseg_bench.evaluate_stage import protocol
-    from memseg_bench.protocol_checks import describe, protocol_checks
+    from memseg_bench.protocol_checks import protocol_checks
     from memseg_bench.tables import build_report
 
     tables = out_dir / "tables"
@@ -91,7 +105,5 @@ def write_reports(
     summary["checks"] = {"protocol": summary["default_protocol"], **checks}
     write_json(out_dir / "summary.json", summary)
     if readme is not None:
-        lines = "\n".join(f"- {line}" for line in describe(checks))
-        table = (tables / "main.md").read_text()
-        update_readme(readme, table + "\nProtocol checks:\n\n" + lines, readme_block)
+        update_readme(readme, readme_results(tables, default["tables"], checks), readme_block)
     return summary

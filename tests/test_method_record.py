@@ -96,7 +96,9 @@ def test_each_ablation_variant_sets_exactly_its_keys():
     base = load_config(ROOT / "params.yaml")
     before = flat(config_to_dict(base))
     for name, overrides in METHODS["memseg"].ablations.items():
-        after = flat(config_to_dict(config_for_run(base, make_spec("memseg", "random", 5, 0, name))))
+        after = flat(
+            config_to_dict(config_for_run(base, make_spec("memseg", "random", 5, 0, name)))
+        )
         changed = {key: after[key] for key in before if after[key] != before[key]}
         assert changed == overrides, name
 
@@ -110,4 +112,6 @@ def test_an_ablation_naming_a_missing_key_fails(monkeypatch):
     broken = dataclasses.replace(memseg, ablations={"typo": {"methods.memseg.wieght_labeled": 0.0}})
     monkeypatch.setitem(METHODS, "memseg", broken)
     with pytest.raises(KeyError, match="wieght_labeled"):
-        config_for_run(load_config(ROOT / "params.yaml"), make_spec("memseg", "random", 5, 0, "typo"))
+        config_for_run(
+            load_config(ROOT / "params.yaml"), make_spec("memseg", "random", 5, 0, "typo")
+        )

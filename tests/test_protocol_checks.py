@@ -94,3 +94,9 @@ def test_pseudo_label_quality_against_hidden_labels():
     # 7 labeled pixels, 5 right; the ignored pixel counts neither way
     assert float(quality["pseudo_accuracy"]) == pytest.approx(5 / 7)
     assert float(quality["pseudo_confidence"]) == pytest.approx(0.5)
+
+
+def test_a_sweep_without_supervised_runs_has_no_supervised_checks(tmp_path):
+    main = {"cells": {"memseg": {5: cell([40, 41, 39], n=5, method="memseg")}}, "gain": {}}
+    checks = protocol_checks(main, tmp_path, ReportConfig())
+    assert checks == {} and describe(checks) == []

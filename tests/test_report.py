@@ -311,3 +311,22 @@ def test_ablation_delta_is_paired_by_seed_with_an_interval(tmp_path):
     half = 4.303 * 1.0 / 3**0.5
     assert row["interval95"] == pytest.approx([-2.0 - half, -2.0 + half])
     assert "-2.0 [-4.5, +0.5] (n=3)" in squeezed(next((tmp_path / "tables").glob("ablation_*.md")))
+
+
+def test_readme_block_shows_the_ablation_table_and_no_empty_checks(tmp_path):
+    from memseg_bench.report_stage import readme_results, update_readme
+
+    full = [record("memseg", 5, s, v) for s, v in enumerate([0.40, 0.50, 0.45])]
+    variant = [
+        record("memseg", 5, s, v, variant="masked_entropy")
+        for s, v in enumerate([0.39, 0.47, 0.43])
+    ]
+    summary = build_report(write(tmp_path / "metrics", full + variant), tmp_path / "tables")
+    tables = summary["protocols"][summary["default_protocol"]]["tables"]
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- ablations:start -->\n<!-- ablations:end -->\nafter\n")
+    update_readme(readme, readme_results(tmp_path / "tables", tables, {}), "ablations")
+    text = readme.read_text()
+    assert "### Main results:" in text and "### Ablations:" in text
+    assert "memseg+masked_entropy" in text and "-2.0 [-4.5, +0.5] (n=3)" in text
+    assert "Protocol checks" not in text and text.endswith("<!-- ablations:end -->\nafter\n")

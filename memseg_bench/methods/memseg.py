@@ -209,4 +209,3 @@ METHOD = Method(
         "frozen_backbone_bn": {"model.backbone_bn_affine": "frozen"},
     },
 )
-
