@@ -84,6 +84,9 @@ class ModelConfig:
     # Initial weights of the DeepLabv3+ ASPP, decoder and classifier convolutions: Kaiming
     # normal (the classifier PyTorch's default), or N(0, 0.01) for all (normal).
     head_init: Literal["kaiming", "normal"] = "kaiming"
+    # The grid of every bilinear resize of logits and feature maps (decoder, losses,
+    # pseudo-labels, evaluation, the exported graph): true puts corner pixel centres on each other.
+    align_corners: bool = False
 
     def __post_init__(self) -> None:
         if not 1 <= self.v2_branches <= 4:
@@ -412,6 +415,7 @@ BEHAVIOURS: dict[str, dict] = {
             "backbone_bn_affine": "frozen",
             "head_init": "normal",
             "resnet_layout": "caffe",
+            "align_corners": True,
         },
         "train": {
             "augment": {
@@ -469,6 +473,13 @@ def stored_config(values: dict) -> Config:
         selftrain["class_weights_start"] = memseg["contrastive_start"]
     if memseg.get("rank_order") == "auto":  # the behaviour decided
         del memseg["rank_order"]
+    # Knobs added since: a file without them was trained with their paper value, whatever its
+    # behaviour says today.
+    added = (("model", "align_corners", False),)
+    for section, key, value in added:
+        part = values.setdefault(section, {})
+        if isinstance(part, dict):
+            part.setdefault(key, value)
     return config_from_dict(values)
 
 

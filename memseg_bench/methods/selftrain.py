@@ -27,7 +27,10 @@ from memseg_bench.models.resize import resized
 def pseudo_labels(ctx: StepContext, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Teacher confidence and argmax on the un-augmented unlabeled crops, at crop size."""
     logits, _ = teacher_forward(ctx, images)
-    probs = torch.softmax(resized(logits.float(), images.shape[-2:]), dim=1)
+    align_corners = ctx.config.model.align_corners
+    probs = torch.softmax(
+        resized(logits.float(), images.shape[-2:], align_corners=align_corners), dim=1
+    )
     confidence, labels = probs.max(dim=1)
     return confidence, labels
 
@@ -167,6 +170,7 @@ def student_forward(ctx: StepContext, labeled_images, view_images):
 def forward(ctx: StepContext, labeled: dict, unlabeled: dict, step: int):
     """Shared by selftrain and memseg: returns the loss terms and what the memory method needs."""
     selftrain = ctx.config.methods.selftrain
+    align_corners = ctx.config.model.align_corners
     with ctx.timer("teacher_forward"):
         confidence, pseudo = pseudo_labels(ctx, unlabeled["image"])
     with ctx.timer("augment"):
@@ -180,7 +184,9 @@ def forward(ctx: StepContext, labeled: dict, unlabeled: dict, step: int):
         )
         weights = class_weights(ctx, labeled, pseudo, labeled_labels, view_labels, step)
         terms = {
-            "sup": supervised_ce(labeled_logits, labeled_labels, class_weights=weights),
+            "sup": supervised_ce(
+                labeled_logits, labeled_labels, class_weights=weights, align_corners=align_corners
+            ),
             "pseudo": ramp(step, selftrain.ramp_iterations)
             * pseudo_label_ce(
                 view_logits,
@@ -188,10 +194,13 @@ def forward(ctx: StepContext, labeled: dict, unlabeled: dict, step: int):
                 view_confidence,
                 power=selftrain.pseudo_power,
                 class_weights=weights,
+                align_corners=align_corners,
             ),
             "ent": selftrain.entropy_weight
             * entropy_loss(
-                resized(view_logits, view_labels.shape[-2:]), view_labels, selftrain.entropy
+                resized(view_logits, view_labels.shape[-2:], align_corners=align_corners),
+                view_labels,
+                selftrain.entropy,
             ),
         }
     student = StudentPass(
