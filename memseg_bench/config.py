@@ -237,6 +237,9 @@ class MemSegConfig:
 class MethodsConfig:
     # A preset of the knobs in BEHAVIOURS; values given explicitly win over it.
     behaviour: Literal["paper", "official"] = "paper"
+    # When a phase with a start iteration S (memory bank, contrastive loss, class weights,
+    # ClassMix on the views after the ramp) is on: at step S (at) or from step S + 1 (after).
+    phase_start: Literal["at", "after"] = "at"
     selftrain: SelfTrainConfig = field(default_factory=SelfTrainConfig)
     memseg: MemSegConfig = field(default_factory=MemSegConfig)
 
@@ -426,6 +429,7 @@ BEHAVIOURS: dict[str, dict] = {
             }
         },
         "methods": {
+            "phase_start": "after",
             "selftrain": {
                 "teacher_mode": "train",
                 "entropy": "masked",
@@ -475,7 +479,7 @@ def stored_config(values: dict) -> Config:
         del memseg["rank_order"]
     # Knobs added since: a file without them was trained with their paper value, whatever its
     # behaviour says today.
-    added = (("model", "align_corners", False),)
+    added = (("model", "align_corners", False), ("methods", "phase_start", "at"))
     for section, key, value in added:
         part = values.setdefault(section, {})
         if isinstance(part, dict):

@@ -143,8 +143,9 @@ def test_a_tiny_run_trains_and_scores_with_one_setting_throughout(align, bilinea
 def test_model_files_written_before_the_knob_load_with_their_paper_value():
     values = config_to_dict(config_from_dict({"methods": {"behaviour": "official"}}))
     del values["model"]["align_corners"]
+    del values["methods"]["phase_start"]
     old = stored_config(values)
-    assert old.model.align_corners is False
+    assert old.model.align_corners is False and old.methods.phase_start == "at"
     assert old.model.resnet_layout == "caffe"  # the rest of the behaviour stays
     current = config_from_dict({"methods": {"behaviour": "official"}})
     assert stored_config(config_to_dict(current)) == current
