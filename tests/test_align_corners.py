@@ -31,13 +31,20 @@ def test_the_paper_default_is_false_and_the_reference_behaviour_true():
 
 
 def test_only_align_corners_true_keeps_the_corner_pixels():
-    x = torch.rand(2, 3, 4, 5, generator=torch.Generator().manual_seed(0))
+    x = torch.rand(2, 3, 13, 17, generator=torch.Generator().manual_seed(0))
     corners = (slice(None), slice(None), [0, 0, -1, -1], [0, -1, 0, -1])
-    aligned = resized(x, (13, 17), align_corners=True)
-    unaligned = resized(x, (13, 17), align_corners=False)
+    # Downsampled: the corner pixels' centres meet only with align_corners.
+    aligned = resized(x, (4, 5), align_corners=True)
+    unaligned = resized(x, (4, 5), align_corners=False)
     torch.testing.assert_close(aligned[corners], x[corners], rtol=0, atol=1e-6)
-    assert (unaligned[corners] - x[corners]).abs().max() > 1e-3
-    assert resized(x, (4, 5), align_corners=True) is x
+    assert (unaligned[corners] - x[corners]).abs().max() > 1e-2
+    # Upsampled: the corners are kept either way (false clamps there), the pixels between differ.
+    small = x[:, :, :4, :5]
+    aligned_up = resized(small, (13, 17), align_corners=True)
+    unaligned_up = resized(small, (13, 17), align_corners=False)
+    torch.testing.assert_close(aligned_up[corners], small[corners], rtol=0, atol=1e-6)
+    assert (aligned_up - unaligned_up).abs().max() > 1e-2
+    assert resized(x, (13, 17), align_corners=True) is x
 
 
 def _pair(arch: str = "deeplabv3plus"):
