@@ -84,6 +84,9 @@ class ModelConfig:
     # Initial weights of the DeepLabv3+ ASPP, decoder and classifier convolutions: Kaiming
     # normal (the classifier PyTorch's default), or N(0, 0.01) for all (normal).
     head_init: Literal["kaiming", "normal"] = "kaiming"
+    # The grid of every bilinear resize of logits and feature maps (decoder, losses,
+    # pseudo-labels, evaluation, the exported graph): true puts corner pixel centres on each other.
+    align_corners: bool = False
 
     def __post_init__(self) -> None:
         if not 1 <= self.v2_branches <= 4:
@@ -234,6 +237,9 @@ class MemSegConfig:
 class MethodsConfig:
     # A preset of the knobs in BEHAVIOURS; values given explicitly win over it.
     behaviour: Literal["paper", "official"] = "paper"
+    # When a phase with a start iteration S (memory bank, contrastive loss, class weights,
+    # ClassMix on the views after the ramp) is on: at step S (at) or from step S + 1 (after).
+    phase_start: Literal["at", "after"] = "at"
     selftrain: SelfTrainConfig = field(default_factory=SelfTrainConfig)
     memseg: MemSegConfig = field(default_factory=MemSegConfig)
 
@@ -412,6 +418,7 @@ BEHAVIOURS: dict[str, dict] = {
             "backbone_bn_affine": "frozen",
             "head_init": "normal",
             "resnet_layout": "caffe",
+            "align_corners": True,
         },
         "train": {
             "augment": {
@@ -422,6 +429,7 @@ BEHAVIOURS: dict[str, dict] = {
             }
         },
         "methods": {
+            "phase_start": "after",
             "selftrain": {
                 "teacher_mode": "train",
                 "entropy": "masked",
@@ -469,6 +477,13 @@ def stored_config(values: dict) -> Config:
         selftrain["class_weights_start"] = memseg["contrastive_start"]
     if memseg.get("rank_order") == "auto":  # the behaviour decided
         del memseg["rank_order"]
+    # Knobs added since: a file without them was trained with their paper value, whatever its
+    # behaviour says today.
+    added = (("model", "align_corners", False), ("methods", "phase_start", "at"))
+    for section, key, value in added:
+        part = values.setdefault(section, {})
+        if isinstance(part, dict):
+            part.setdefault(key, value)
     return config_from_dict(values)
 
 

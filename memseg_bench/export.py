@@ -32,7 +32,8 @@ PARITY_PROVIDER = "CPUExecutionProvider"
 
 
 class FullResolution(nn.Module):
-    """Segmenter logits upsampled to the input size; the features are dropped."""
+    """Segmenter logits upsampled to the input size (with the segmenter's own align_corners);
+    the features are dropped."""
 
     def __init__(self, segmenter: nn.Module) -> None:
         super().__init__()
@@ -40,7 +41,12 @@ class FullResolution(nn.Module):
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         logits, _ = self.segmenter(image)
-        return F.interpolate(logits, size=image.shape[-2:], mode="bilinear", align_corners=False)
+        return F.interpolate(
+            logits,
+            size=image.shape[-2:],
+            mode="bilinear",
+            align_corners=self.segmenter.align_corners,
+        )
 
 
 def export_model(wrapper: nn.Module, path: Path, opset: int, metadata: dict[str, str]) -> None:

@@ -44,6 +44,7 @@ def grid_rows(config: Config, runs_dir: Path) -> tuple[list[dict], list[str], li
                     config.evaluate.window,
                     config.evaluate.stride,
                     out_size=label.shape,
+                    align_corners=segmenter.align_corners,
                 )
                 predictions[method] = logits.argmax(1)[0].byte().numpy()
         rows.append({"image": image, "label": label, "predictions": predictions})

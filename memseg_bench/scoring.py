@@ -19,9 +19,9 @@ from memseg_bench.models.resize import resized
 MODES = ("whole", "sliding")
 
 
-def _forward(segmenter, x: torch.Tensor) -> torch.Tensor:
+def _forward(segmenter, x: torch.Tensor, align_corners: bool) -> torch.Tensor:
     logits = segmenter(x)[0].float()
-    return resized(logits, x.shape[-2:])
+    return resized(logits, x.shape[-2:], align_corners=align_corners)
 
 
 def _starts(size: int, window: int, stride: int) -> list[int]:
@@ -33,7 +33,7 @@ def _starts(size: int, window: int, stride: int) -> list[int]:
 
 
 def _sliding(
-    segmenter, image: torch.Tensor, window: int, stride: int, tile_batch: int
+    segmenter, image: torch.Tensor, window: int, stride: int, tile_batch: int, align_corners: bool
 ) -> torch.Tensor:
     batch, _, height, width = image.shape
     pad_h, pad_w = max(window - height, 0), max(window - width, 0)
@@ -51,7 +51,7 @@ def _sliding(
     for first in range(0, len(boxes), tile_batch):
         chunk = boxes[first : first + tile_batch]
         tiles = torch.cat([image[:, :, t : t + window, s : s + window] for t, s in chunk])
-        logits = _forward(segmenter, tiles)
+        logits = _forward(segmenter, tiles, align_corners)
         if total is None:
             total = logits.new_zeros(batch, logits.shape[1], full_h, full_w)
         for i, (top, left) in enumerate(chunk):
@@ -69,21 +69,23 @@ def logits_for_image(
     stride: int = 341,
     out_size: Sequence[int] | None = None,
     tile_batch: int = 4,
+    align_corners: bool = False,
 ) -> torch.Tensor:
     """Logits [B, C, H', W'] for images [B, 3, H, W] (float 0..255) at `out_size` (default: the
     input size). `sliding` averages the logits of window x window tiles placed every `stride`
-    pixels (the last tile flush with the border); an image smaller than the window is padded."""
+    pixels (the last tile flush with the border); an image smaller than the window is padded.
+    Every upsampling is bilinear with `align_corners` (the model's model.align_corners)."""
     if mode not in MODES:
         raise ValueError(f"evaluation mode must be one of {MODES}, got {mode!r}")
     if image.dim() != 4 or image.shape[1] != 3:
         raise ValueError(f"expected images [B, 3, H, W], got {tuple(image.shape)}")
     if mode == "whole":
-        logits = _forward(segmenter, image)
+        logits = _forward(segmenter, image, align_corners)
     else:
         if window <= 0 or stride <= 0 or stride > window:
             raise ValueError(f"sliding window needs 0 < stride <= window, got {stride}, {window}")
-        logits = _sliding(segmenter, image, window, stride, tile_batch)
-    return logits if out_size is None else resized(logits, out_size)
+        logits = _sliding(segmenter, image, window, stride, tile_batch, align_corners)
+    return logits if out_size is None else resized(logits, out_size, align_corners=align_corners)
 
 
 def _groups(dataset, batch: int):
@@ -115,6 +117,7 @@ def evaluate_segmenter(
     batch: int = 1,
     amp: bool = False,
     progress: bool = True,
+    align_corners: bool = False,
 ) -> dict:
     """Score a segmenter on a dataset of {"image": float [3, h, w] 0..255, "label": long [H, W]}:
     the `scores` dict plus "num_images" and "eval_mode". The model is put in eval mode for the pass
@@ -153,7 +156,13 @@ def evaluate_segmenter(
                 labels = torch.stack([item["label"] for item in group]).to(device)
                 with autocast:
                     logits = logits_for_image(
-                        segmenter, images, mode, window, stride, out_size=labels.shape[-2:]
+                        segmenter,
+                        images,
+                        mode,
+                        window,
+                        stride,
+                        out_size=labels.shape[-2:],
+                        align_corners=align_corners,
                     )
                 confusion += confusion_matrix(logits.argmax(1), labels, num_classes)
                 seen += len(group)
@@ -192,4 +201,5 @@ def score_split(segmenter, index, split: str, config, device, progress: bool = T
         device=device,
         batch=settings.batch,
         progress=progress,
+        align_corners=config.model.align_corners,
     )

@@ -1,4 +1,4 @@
-"""Tiny fake dataset trees in the official layouts, for tests.
+"""Tiny fake dataset trees in the published layouts, for tests.
 
 Every builder writes random images and labels with a fixed seed and returns
 {(split, id): (image uint8 HxWx3, expected label uint8 HxW after conversion)}.

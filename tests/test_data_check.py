@@ -92,8 +92,8 @@ def test_voc_counts_rgb_masks_and_missing_sbd(tmp_path):
     problems, _ = check_dataset("voc", tmp_path)
     text = "\n".join(problems)
     assert "SBD 'aug' masks are missing" in text
-    assert "train: 3 images listed, the official split has 10582" in text
-    assert "val: 2 images listed, the official split has 1449" in text
+    assert "train: 3 images listed, the published split has 10582" in text
+    assert "val: 2 images listed, the published split has 1449" in text
     assert "2007_000000.png is an RGB colour image" in text
 
 
@@ -122,8 +122,8 @@ def test_camvid_layout_passes_with_counts(tmp_path):
     make_camvid(tmp_path)
     problems, summary = check_dataset("camvid", tmp_path)
     assert problems == [
-        "train: 3 images listed, the official split has 367",
-        "val: 2 images listed, the official split has 101",
-        "test: 2 images listed, the official split has 233",
+        "train: 3 images listed, the published split has 367",
+        "val: 2 images listed, the published split has 101",
+        "test: 2 images listed, the published split has 233",
     ]
     assert summary["splits"]["train"]["ignore_share"] > 0

@@ -19,6 +19,7 @@ FROM_THE_FIRST_STEP = {
         "iterations": 10**6,
     },
     "methods": {
+        "phase_start": "at",  # start 0 is on at step 0 under either behaviour
         "selftrain": {"class_weights_start": 0},
         "memseg": {"memory_start": 0, "contrastive_start": 0, "quality_filter": False},
     },

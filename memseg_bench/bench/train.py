@@ -1,7 +1,7 @@
 """Training-step benchmarks on random batches of the configured size, on whatever device is present.
 
-The memory bank path is forced to run from the first step (memory and contrastive start at 0, no
-quality filter) so that its cost is always measured; with a random-init teacher few pixels would
+The memory bank path is forced to run from the first step (memory and contrastive start at step 0,
+no quality filter) so that its cost is always measured; with a random-init teacher few pixels would
 otherwise pass the filter."""
 
 from __future__ import annotations
@@ -49,7 +49,9 @@ def bench_config(config: Config, amp: str | None = None) -> Config:
     model = dataclasses.replace(config.model, weights=None)
     return dataclasses.replace(
         config,
-        methods=dataclasses.replace(config.methods, memseg=memseg, selftrain=selftrain),
+        methods=dataclasses.replace(
+            config.methods, phase_start="at", memseg=memseg, selftrain=selftrain
+        ),
         train=train,
         model=model,
     )

@@ -1,6 +1,6 @@
 """`memseg data check`: validate a dataset on disk and name the usual preparation mistakes.
 
-Checks the layout, the image counts of the official splits, that every listed image and label
+Checks the layout, the image counts of the published splits, that every listed image and label
 exists, and (for all images, or an evenly spaced sample of `limit` per split) that images decode,
 labels are single-channel class-index PNGs of the image's size with values in 0..C-1 or 255.
 Recognised mistakes: VOC colour PNGs saved as RGB, missing SBD aug masks, Cityscapes labelIds
@@ -178,7 +178,7 @@ def check_dataset(
         expected = EXPECTED_COUNTS.get(name, {}).get(split)
         if expected is not None and len(ids) != expected:
             split_problems.append(
-                f"{split}: {len(ids)} images listed, the official split has {expected}"
+                f"{split}: {len(ids)} images listed, the published split has {expected}"
             )
         if not ids:
             split_problems.append(f"{split}: no images")

@@ -1,4 +1,4 @@
-"""Dataset readers for the official layouts: ids per split, file paths, and validated samples.
+"""Dataset readers for the published layouts: ids per split, file paths, and validated samples.
 
 Layouts (data.name): synthetic / folder (images/<split>/<id>.<png|jpg>, labels/<split>/<id>.png,
 classes.json, optional <split>.txt), voc (VOC2012 + SBD aug masks), cityscapes (leftImg8bit +

@@ -44,6 +44,14 @@ class StudentPass:
     diagnostics: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+def started(ctx: StepContext, step: int, start: int) -> bool:
+    """Whether a phase that starts at iteration `start` is on at `step` (0-based): from `start`
+    on, or from the step after it (methods.phase_start: at / after)."""
+    if ctx.config.methods.phase_start == "after":
+        return step > start
+    return step >= start
+
+
 def labels_at(labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Nearest-neighbour resize of (B, H, W) class labels to `size`."""
     if tuple(labels.shape[-2:]) == tuple(size):

@@ -21,11 +21,14 @@ def ramp(i: int, ramp_iterations: int = 2000) -> float:
 
 
 def supervised_ce(
-    logits: torch.Tensor, labels: torch.Tensor, class_weights: torch.Tensor | None = None
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    class_weights: torch.Tensor | None = None,
+    align_corners: bool = False,
 ) -> torch.Tensor:
     """Mean CE over the non-ignored pixels (weighted mean when class weights are given; 0 when
     every pixel is ignored). logits [B, C, h, w] are upsampled bilinearly to labels [B, H, W]."""
-    logits = resized(logits, labels.shape[-2:])
+    logits = resized(logits, labels.shape[-2:], align_corners=align_corners)
     weight = None if class_weights is None else class_weights.to(logits.dtype)
     per_pixel = F.cross_entropy(
         logits, labels, weight=weight, ignore_index=IGNORE, reduction="none"
@@ -47,11 +50,12 @@ def pseudo_label_ce(
     confidence: torch.Tensor,
     power: float = 6.0,
     class_weights: torch.Tensor | None = None,
+    align_corners: bool = False,
 ) -> torch.Tensor:
     """Per-pixel CE weighted by confidence**power, averaged over all pixels of the views.
 
     Ignored pixels (label 255, e.g. padding) contribute 0 but count in the mean."""
-    logits = resized(logits, pseudo_labels.shape[-2:])
+    logits = resized(logits, pseudo_labels.shape[-2:], align_corners=align_corners)
     weight = None if class_weights is None else class_weights.to(logits.dtype)
     per_pixel = F.cross_entropy(
         logits, pseudo_labels, weight=weight, ignore_index=IGNORE, reduction="none"

@@ -16,6 +16,7 @@ from memseg_bench.methods.context import (
     StudentPass,
     flatten_pixels,
     labels_at,
+    started,
     teacher_forward,
 )
 from memseg_bench.methods.contrastive import contrastive_loss
@@ -81,7 +82,7 @@ def losses(ctx: StepContext, labeled: dict, unlabeled: dict | None, step: int):
     settings = ctx.config.methods.memseg
     if settings.memory_update == "before_loss":
         student = replace(student, diagnostics=student.diagnostics | bank_step(ctx, student, step))
-    if step < settings.contrastive_start:
+    if not started(ctx, step, settings.contrastive_start):
         return terms, student
     with ctx.timer("contrastive"):
         mem_scores = memory_scores(ctx)
@@ -143,7 +144,7 @@ def update_bank(ctx: StepContext, student: StudentPass, step: int) -> dict:
     Each rank keeps its k best candidates per class (a fixed C x k rows), the ranks gather them in
     rank order and every rank inserts the same rows into its copy of the bank."""
     settings = ctx.config.methods.memseg
-    if step < settings.memory_start:
+    if not started(ctx, step, settings.memory_start):
         return {}
     images = student.labeled_images
     projected, classes, keys, stats = bank_candidates(ctx, images, student.labeled_labels)

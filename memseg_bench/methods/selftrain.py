@@ -7,7 +7,7 @@ import torch
 
 from memseg_bench.data.augment import augment, classmix
 from memseg_bench.labels import IGNORE
-from memseg_bench.methods.context import StepContext, StudentPass, teacher_forward
+from memseg_bench.methods.context import StepContext, StudentPass, started, teacher_forward
 from memseg_bench.methods.contrastive import class_index
 from memseg_bench.methods.ema import ema_alpha, ema_update
 from memseg_bench.methods.losses import (
@@ -27,7 +27,10 @@ from memseg_bench.models.resize import resized
 def pseudo_labels(ctx: StepContext, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Teacher confidence and argmax on the un-augmented unlabeled crops, at crop size."""
     logits, _ = teacher_forward(ctx, images)
-    probs = torch.softmax(resized(logits.float(), images.shape[-2:]), dim=1)
+    align_corners = ctx.config.model.align_corners
+    probs = torch.softmax(
+        resized(logits.float(), images.shape[-2:], align_corners=align_corners), dim=1
+    )
     confidence, labels = probs.max(dim=1)
     return confidence, labels
 
@@ -39,7 +42,8 @@ def strong_views(ctx: StepContext, images, labels, confidence, step: int):
     batch, so the two views still get their own ClassMix decision and their own draws."""
     settings = ctx.config.train.augment
     selftrain = ctx.config.methods.selftrain
-    mix_prob = settings.unlabeled.classmix_prob if step >= selftrain.ramp_iterations else 0.0
+    mixing = started(ctx, step, selftrain.ramp_iterations)
+    mix_prob = settings.unlabeled.classmix_prob if mixing else 0.0
     if settings.draws == "per_image":
         both = (torch.cat([t, t]) for t in (images, labels, confidence))
         return _strong_view(ctx, *both, mix_prob=mix_prob, per_image=True)
@@ -91,7 +95,7 @@ def _decayed_class_weights(ctx: StepContext, labels: torch.Tensor, pseudo: torch
     previous = ctx.extra_state.get("class_counts")
     counts = counts if previous is None else 0.99 * previous + counts
     ctx.extra_state["class_counts"] = counts
-    if step < ctx.config.methods.selftrain.class_weights_start:
+    if not started(ctx, step, ctx.config.methods.selftrain.class_weights_start):
         return None
     return class_weights_from_counts(counts)
 
@@ -119,7 +123,8 @@ def _epoch_window_class_weights(ctx: StepContext, labels, pseudo, step: int):
         ).double()
     state["counted_steps"] = counted = counted + 1
     settings = ctx.config.methods.selftrain
-    if counted < max(labeled_steps, unlabeled_steps) or step < settings.class_weights_start:
+    filled = counted >= max(labeled_steps, unlabeled_steps)
+    if not filled or not started(ctx, step, settings.class_weights_start):
         return None
     share = min(1.0, counted / ctx.config.train.iterations)
     return epoch_window_class_weights(state["labeled_rows"], state["unlabeled_rows"], share)
@@ -167,6 +172,7 @@ def student_forward(ctx: StepContext, labeled_images, view_images):
 def forward(ctx: StepContext, labeled: dict, unlabeled: dict, step: int):
     """Shared by selftrain and memseg: returns the loss terms and what the memory method needs."""
     selftrain = ctx.config.methods.selftrain
+    align_corners = ctx.config.model.align_corners
     with ctx.timer("teacher_forward"):
         confidence, pseudo = pseudo_labels(ctx, unlabeled["image"])
     with ctx.timer("augment"):
@@ -180,7 +186,9 @@ def forward(ctx: StepContext, labeled: dict, unlabeled: dict, step: int):
         )
         weights = class_weights(ctx, labeled, pseudo, labeled_labels, view_labels, step)
         terms = {
-            "sup": supervised_ce(labeled_logits, labeled_labels, class_weights=weights),
+            "sup": supervised_ce(
+                labeled_logits, labeled_labels, class_weights=weights, align_corners=align_corners
+            ),
             "pseudo": ramp(step, selftrain.ramp_iterations)
             * pseudo_label_ce(
                 view_logits,
@@ -188,10 +196,13 @@ def forward(ctx: StepContext, labeled: dict, unlabeled: dict, step: int):
                 view_confidence,
                 power=selftrain.pseudo_power,
                 class_weights=weights,
+                align_corners=align_corners,
             ),
             "ent": selftrain.entropy_weight
             * entropy_loss(
-                resized(view_logits, view_labels.shape[-2:]), view_labels, selftrain.entropy
+                resized(view_logits, view_labels.shape[-2:], align_corners=align_corners),
+                view_labels,
+                selftrain.entropy,
             ),
         }
     student = StudentPass(

@@ -45,7 +45,7 @@ def losses(ctx: StepContext, labeled: dict, unlabeled: dict | None, step: int):
         images, labels = augment_labeled(ctx, labeled)
     with ctx.timer("student_forward"):
         logits, _ = ctx.model["net"](images)
-        terms = {"sup": supervised_ce(logits, labels)}
+        terms = {"sup": supervised_ce(logits, labels, align_corners=ctx.config.model.align_corners)}
     return terms, StudentPass(labeled_images=images, labeled_labels=labels)
 
 

@@ -58,12 +58,13 @@ def build_segmenter(
             model_cfg.output_stride,
             model_cfg.decoder_channels,
             model_cfg.head_init,
+            model_cfg.align_corners,
         )
     elif model_cfg.arch == "deeplabv2":
         head = DeepLabV2Head(backbone.high_channels, num_classes, used=model_cfg.v2_branches)
     else:
         raise UserError(f"params: 'model.arch' is unknown: {model_cfg.arch!r}")
-    return Segmenter(backbone, head, num_classes, mean, std)
+    return Segmenter(backbone, head, num_classes, mean, std, model_cfg.align_corners)
 
 
 def load_segmenter(model_file: str | Path) -> tuple[nn.Module, dict]:

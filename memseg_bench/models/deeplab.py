@@ -64,8 +64,10 @@ class DeepLabV3PlusHead(nn.Module):
         output_stride: int,
         channels: int = ASPP_CHANNELS,
         init: str = "kaiming",
+        align_corners: bool = False,
     ) -> None:
         super().__init__()
+        self.align_corners = align_corners
         rates = [rate * 16 // output_stride for rate in V3PLUS_RATES]
         self.aspp = ASPP(high_ch, rates, channels)
         self.low_project = conv_bn_relu(low_ch, LOW_LEVEL_CHANNELS)
@@ -86,7 +88,7 @@ class DeepLabV3PlusHead(nn.Module):
 
     def forward(self, low: torch.Tensor, high: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         low = self.low_project(low)
-        context = resized(self.aspp(high), low.shape[-2:])
+        context = resized(self.aspp(high), low.shape[-2:], align_corners=self.align_corners)
         features = self.decoder(torch.cat([context, low], dim=1))
         return self.classifier(self.dropout(features)), features
 
@@ -114,7 +116,10 @@ class DeepLabV2Head(nn.Module):
 
 
 class Segmenter(nn.Module):
-    """Normalisation ((x - mean) / std on 0..255 RGB), backbone, head -> (logits, features)."""
+    """Normalisation ((x - mean) / std on 0..255 RGB), backbone, head -> (logits, features).
+
+    `align_corners` is the resize grid the model was built with, for whoever upsamples its
+    logits (the exported graph)."""
 
     def __init__(
         self,
@@ -123,11 +128,13 @@ class Segmenter(nn.Module):
         num_classes: int,
         mean: Sequence[float],
         std: Sequence[float],
+        align_corners: bool = False,
     ) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head
         self.num_classes = num_classes
+        self.align_corners = align_corners
         self.feature_channels = head.feature_channels
         # Not persistent: the normalisation comes from the config, not from a checkpoint.
         self.register_buffer(
