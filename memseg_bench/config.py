@@ -159,6 +159,11 @@ class TrainConfig:
     # Momentum of the segmenter's BatchNorm running statistics (null: PyTorch's 0.1). At a few
     # images per batch, 0.1 makes the evaluated statistics those of the last ~10 batches.
     bn_momentum: float | None = None
+    # Reload the best-on-validation student (net and heads; the teacher restarts from it, the
+    # optimiser and the LR schedule go on) once the validations have gone more than this
+    # fraction of train.iterations without a higher val mIoU; the count restarts at every reload
+    # and improvement. null: never. Needs train.val_every.
+    reload_best_after: float | None = None
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def __post_init__(self) -> None:
@@ -169,6 +174,11 @@ class TrainConfig:
                 raise UserError(
                     f"params: 'train.{key}' must be at least {least}, got {getattr(self, key)}"
                 )
+        if self.reload_best_after is not None and self.reload_best_after <= 0:
+            raise UserError(
+                "params: 'train.reload_best_after' must be positive (a fraction of "
+                f"train.iterations) or null, got {self.reload_best_after}"
+            )
 
 
 @dataclass(frozen=True)
