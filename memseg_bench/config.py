@@ -164,11 +164,17 @@ class TrainConfig:
     # fraction of train.iterations without a higher val mIoU; the count restarts at every reload
     # and improvement. null: never. Needs train.val_every.
     reload_best_after: float | None = None
+    # After the last iteration, forward this many unlabeled batches (labeled ones in a run
+    # without unlabeled images) through the student in train mode without gradients, so that
+    # its BatchNorm running statistics follow them (at the layers' momentum, not reset first),
+    # before model.pt is written. 0: off.
+    bn_recalibration_batches: int = 0
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def __post_init__(self) -> None:
         minimum = {"iterations": 1, "batch_labeled": 1, "batch_unlabeled": 0, "crop": 1}
         minimum |= {"log_every": 1, "checkpoint_every": 1, "val_every": 0, "threads": 0}
+        minimum |= {"bn_recalibration_batches": 0}
         for key, least in minimum.items():
             if getattr(self, key) < least:
                 raise UserError(

@@ -420,6 +420,28 @@ class Trainer:
             self.teacher.load_state_dict(self.model.state_dict())
         self.since_best = 0
 
+    def recalibrate_bn(self) -> None:
+        """train.bn_recalibration_batches batches of the unlabeled stream (the labeled one in a
+        run without) through the student's segmenter, for its BatchNorm statistics."""
+        from .bn_recalibration import recalibrate_batchnorm
+
+        train = self.config.train
+        stream = self.unlabeled_stream if self.unlabeled_stream is not None else self.labeled_stream
+
+        def images():
+            for _ in range(train.bn_recalibration_batches):
+                image = self._batch(stream)["image"]
+                if train.channels_last:
+                    image = image.contiguous(memory_format=torch.channels_last)
+                yield image
+
+        autocast = torch.autocast(
+            self.device.type, dtype=torch.bfloat16, enabled=train.amp == "bf16"
+        )
+        with autocast:
+            recalibrate_batchnorm(self.model["net"], images())
+        distributed.broadcast_state(self.model["net"], self.dist, buffers_only=True)
+
     def save_model(self, path: Path) -> None:
         net = self.model["net"]
         state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
@@ -498,6 +520,8 @@ class Trainer:
         return self.finish()
 
     def finish(self) -> dict:
+        if self.config.train.bn_recalibration_batches:
+            self.recalibrate_bn()
         batch = self.config.train.batch_labeled
         images_per_s = labeled_images_per_s(self.step, batch, self.dist.world_size, self.elapsed)
         summary = {

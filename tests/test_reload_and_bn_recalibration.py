@@ -1,5 +1,6 @@
-"""train.reload_best_after (the best-on-val student back after a stall): both values of the knob,
-and an interrupted run with reloads that resumes exactly."""
+"""train.reload_best_after (the best-on-val student back after a stall) and
+train.bn_recalibration_batches (BatchNorm statistics from unlabeled batches after the last step):
+both values of each knob, and an interrupted run with reloads that resumes exactly."""
 
 from __future__ import annotations
 
@@ -12,9 +13,11 @@ import torch
 from torch import nn
 
 from memseg_bench import checkpoint
+from memseg_bench.bn_recalibration import recalibrate_batchnorm
+from memseg_bench.data.random_batches import RandomBatches
 from memseg_bench.engine import Trainer
 from memseg_bench.runs import RunSpec
-from tests.trainers import make_trainer, random_data, tiny_config
+from tests.trainers import NUM_CLASSES, make_trainer, random_data, tiny_config
 
 # Validation mIoU by step: the best at step 1, never higher afterwards.
 SCORES = {1: 0.5, 2: 0.4, 3: 0.3, 4: 0.45, 5: 0.2, 6: 0.4, 7: 0.3, 8: 0.1}
@@ -159,3 +162,77 @@ def test_reload_best_after_must_be_positive():
     with pytest.raises(UserError, match="train.reload_best_after"):
         config_from_dict({"train": {"reload_best_after": 0}})
     assert config_from_dict({"train": {"reload_best_after": 1}}).train.reload_best_after == 1.0
+
+
+# -- BatchNorm recalibration ---------------------------------------------------------------------
+
+
+def test_recalibration_moves_running_statistics_at_the_layers_momentum_without_touching_weights():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, momentum=1.0), nn.ReLU())
+    net.eval()
+    weights = {k: v.clone() for k, v in net.named_parameters()}
+    batches = [torch.randn(2, 3, 8, 8) * (i + 1) + i for i in range(3)]
+    assert recalibrate_batchnorm(net, iter(batches)) == 3
+    assert not net.training  # the mode it had
+    with torch.no_grad():
+        last = net[0](batches[-1])
+    torch.testing.assert_close(net[1].running_mean, last.mean((0, 2, 3)))
+    torch.testing.assert_close(net[1].running_var, last.var((0, 2, 3), unbiased=True))
+    for name, param in net.named_parameters():
+        assert torch.equal(param, weights[name]) and param.grad is None
+
+    slow = nn.BatchNorm2d(3)  # momentum 0.1, statistics not reset first
+    recalibrate_batchnorm(slow, [torch.full((2, 3, 4, 4), 10.0)])
+    torch.testing.assert_close(slow.running_mean, torch.full((3,), 1.0))
+
+
+def _model_file(tmp_path, name="selftrain-n20-s0") -> dict:
+    return torch.load(tmp_path / name / "model.pt", map_location="cpu", weights_only=True)[
+        "model_state"
+    ]
+
+
+@pytest.mark.parametrize("batches", [0, 3])
+def test_bn_recalibration_sets_the_written_students_statistics_from_unlabeled_batches(
+    batches, tmp_path
+):
+    config = _config(iterations=2, val_every=0, bn_recalibration_batches=batches, bn_momentum=1.0)
+    trainer = make_trainer("selftrain", config, tmp_path)
+    before: dict = {}
+    finish = trainer.finish
+
+    def watched_finish():
+        before["net"] = snapshot(trainer.model["net"])
+        before["unlabeled"] = trainer.unlabeled_stream.state()
+        before["labeled"] = trainer.labeled_stream.state()
+        before["rng"] = torch.get_rng_state()
+        return finish()
+
+    trainer.finish = watched_finish
+    trainer.fit(progress=False)
+    written = _model_file(tmp_path)
+    net = trainer.model["net"]
+    if batches == 0:
+        assert_states_equal(written, before["net"])
+        return
+
+    expected = copy.deepcopy(net)
+    expected.load_state_dict(before["net"])
+    stream = RandomBatches(2, 32, NUM_CLASSES, seed=0)
+    stream.load_state(before["unlabeled"])
+    torch.set_rng_state(before["rng"])  # the same dropout draws
+    expected.train()
+    with torch.no_grad():
+        for _ in range(batches):
+            expected(next(stream)["image"])
+    assert_states_equal(written, snapshot(expected))
+    changed = [
+        k
+        for k in written
+        if k.endswith("running_mean") and not torch.equal(written[k], before["net"][k])
+    ]
+    assert changed
+    for name, _ in net.named_parameters():
+        assert torch.equal(written[name], before["net"][name]), name  # weights stay as trained
+    assert trainer.labeled_stream.state()["generator"].equal(before["labeled"]["generator"])
