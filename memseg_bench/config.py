@@ -430,12 +430,14 @@ BEHAVIOURS: dict[str, dict] = {
             "resnet_layout": "caffe",
         },
         "train": {
+            "reload_best_after": 0.2,
+            "bn_recalibration_batches": 1000,
             "augment": {
                 "draws": "per_batch",
                 "blur_shape": "anisotropic",
                 "blur_taps": 23,
                 "photometric_order": "after_geometry",
-            }
+            },
         },
         "methods": {
             "selftrain": {
