@@ -162,16 +162,32 @@ class TrainConfig:
     # Momentum of the segmenter's BatchNorm running statistics (null: PyTorch's 0.1). At a few
     # images per batch, 0.1 makes the evaluated statistics those of the last ~10 batches.
     bn_momentum: float | None = None
+    # Reload the best-on-validation student (net and heads; the teacher restarts from it, the
+    # optimiser and the LR schedule go on) once the validations have gone more than this
+    # fraction of train.iterations without a higher val mIoU; the count restarts at every reload
+    # and improvement. null: never. Needs train.val_every.
+    reload_best_after: float | None = None
+    # After the last iteration, forward this many unlabeled batches (labeled ones in a run
+    # without unlabeled images) through the student in train mode without gradients, so that
+    # its BatchNorm running statistics follow them (at the layers' momentum, not reset first),
+    # before model.pt is written. 0: off.
+    bn_recalibration_batches: int = 0
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def __post_init__(self) -> None:
         minimum = {"iterations": 1, "batch_labeled": 1, "batch_unlabeled": 0, "crop": 1}
         minimum |= {"log_every": 1, "checkpoint_every": 1, "val_every": 0, "threads": 0}
+        minimum |= {"bn_recalibration_batches": 0}
         for key, least in minimum.items():
             if getattr(self, key) < least:
                 raise UserError(
                     f"params: 'train.{key}' must be at least {least}, got {getattr(self, key)}"
                 )
+        if self.reload_best_after is not None and self.reload_best_after <= 0:
+            raise UserError(
+                "params: 'train.reload_best_after' must be positive (a fraction of "
+                f"train.iterations) or null, got {self.reload_best_after}"
+            )
 
 
 @dataclass(frozen=True)
@@ -421,12 +437,14 @@ BEHAVIOURS: dict[str, dict] = {
             "align_corners": True,
         },
         "train": {
+            "reload_best_after": 0.2,
+            "bn_recalibration_batches": 1000,
             "augment": {
                 "draws": "per_batch",
                 "blur_shape": "anisotropic",
                 "blur_taps": 23,
                 "photometric_order": "after_geometry",
-            }
+            },
         },
         "methods": {
             "phase_start": "after",

@@ -222,6 +222,10 @@ class Trainer:
         self.elapsed = 0.0
         self.curve = Curve()
         self.best_val: dict | None = None
+        # With train.reload_best_after: the student's state at the best validation (on the CPU)
+        # and the iterations validated since without a higher val mIoU.
+        self.best_model: dict | None = None
+        self.since_best = 0
 
     # -- checkpoints ---------------------------------------------------------------------------
 
@@ -253,6 +257,8 @@ class Trainer:
             "bank_curve": self.curve.bank_rows,
             "elapsed": self.elapsed,
             "best_val": self.best_val,
+            "best_model": self.best_model,
+            "since_best": self.since_best,
             "config": config_to_dict(self.config),
             "config_hash": config_hash(self.config),
         }
@@ -294,6 +300,8 @@ class Trainer:
         self.step = state["step"]
         self.elapsed = state["elapsed"]
         self.best_val = state["best_val"]
+        self.best_model = state.get("best_model")
+        self.since_best = state.get("since_best", 0)
         return True
 
     # -- one iteration -------------------------------------------------------------------------
@@ -379,10 +387,60 @@ class Trainer:
             )
             self.curve.rows[-1]["val_miou"] = scores["miou"]
             self.curve.write(self.curve_path, self.bank_curve_path)
-            if self.best_val is None or scores["miou"] > self.best_val["val_miou"]:
+            improved = self.best_val is None or scores["miou"] > self.best_val["val_miou"]
+            if improved:
                 self.best_val = {"val_miou": scores["miou"], "step": self.step}
                 self.save_model(self.run_dir / "best.pt")
+            if self.config.train.reload_best_after is not None:
+                if improved:
+                    state = self.model.state_dict()
+                    self.best_model = {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+                    self.since_best = 0
+                else:
+                    self.since_best += self.config.train.val_every
         distributed.barrier(self.dist)
+
+    def reload_best_if_stalled(self) -> None:
+        """Once the validations have gone more than train.reload_best_after x T iterations
+        without a higher val mIoU, the student takes back its best-on-val state and the teacher
+        restarts as a copy of it; the optimiser state, the LR schedule, the memory bank and the
+        step go on."""
+        train = self.config.train
+        stalled = self.since_best > train.reload_best_after * train.iterations
+        if self.dist.enabled:
+            stalled = distributed.gather_objects(stalled, self.dist)[0]  # rank 0 validates
+        if not stalled:
+            return
+        if self.dist.is_main:
+            self.model.load_state_dict(self.best_model)
+            self.curve.rows[-1]["reloaded_best_step"] = self.best_val["step"]
+            self.curve.write(self.curve_path, self.bank_curve_path)
+        distributed.broadcast_state(self.model, self.dist)
+        if self.teacher is not None:
+            self.teacher.load_state_dict(self.model.state_dict())
+        self.since_best = 0
+
+    def recalibrate_bn(self) -> None:
+        """train.bn_recalibration_batches batches of the unlabeled stream (the labeled one in a
+        run without) through the student's segmenter, for its BatchNorm statistics."""
+        from .bn_recalibration import recalibrate_batchnorm
+
+        train = self.config.train
+        stream = self.unlabeled_stream if self.unlabeled_stream is not None else self.labeled_stream
+
+        def images():
+            for _ in range(train.bn_recalibration_batches):
+                image = self._batch(stream)["image"]
+                if train.channels_last:
+                    image = image.contiguous(memory_format=torch.channels_last)
+                yield image
+
+        autocast = torch.autocast(
+            self.device.type, dtype=torch.bfloat16, enabled=train.amp == "bf16"
+        )
+        with autocast:
+            recalibrate_batchnorm(self.model["net"], images())
+        distributed.broadcast_state(self.model["net"], self.dist, buffers_only=True)
 
     def save_model(self, path: Path) -> None:
         net = self.model["net"]
@@ -455,11 +513,15 @@ class Trainer:
                     bar.update(task, completed=self.step)
                 if validating:
                     self.validate()
+                    if train.reload_best_after is not None and not last:
+                        self.reload_best_if_stalled()
                 if self.step % train.checkpoint_every == 0 or last:
                     self.save_checkpoint()
         return self.finish()
 
     def finish(self) -> dict:
+        if self.config.train.bn_recalibration_batches:
+            self.recalibrate_bn()
         batch = self.config.train.batch_labeled
         images_per_s = labeled_images_per_s(self.step, batch, self.dist.world_size, self.elapsed)
         summary = {
