@@ -200,8 +200,9 @@ class SelfTrainConfig:
     ema_to_one: bool = True
     # Copy BN running statistics from the student into the teacher at every EMA update.
     teacher_copy_buffers: bool = True
-    # Cityscapes class weighting of L_sup and L_pseudo from step class_weights_start on (the
-    # reference starts it with the contrastive loss: keep it equal to memseg.contrastive_start).
+    # Cityscapes class weighting of L_sup and L_pseudo from step class_weights_start on. The
+    # reference has no start of its own (weights 1 until its count windows are full); the
+    # Cityscapes presets start it with the contrastive loss (memseg.contrastive_start).
     class_weights: bool = False
     class_weights_start: int = 2000
     # decayed: counts of the augmented labels and pseudo-labels, decayed by 0.99 per step, median
