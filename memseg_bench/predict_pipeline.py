@@ -2,11 +2,11 @@
 
 A reader thread decodes (and, past max_side, downscales) the next images in input order; the main
 thread groups them into batches and hands each to a model thread (`runs` of them, each running its
-own batches); a model thread hands its masks to the writer threads (argmax, overlay, both PNGs)
-and takes the next batch at once. Nothing waits on anything but its own input: the main thread
-only reports finished images, in order, as they come. Pillow, numpy and onnxruntime release the
-GIL in their heavy loops, so all of them overlap. Batches and writes wait in bounded numbers, so
-memory stays that of a few images whatever the folder holds.
+own batches); a model thread hands its masks to the writer threads (half as many: argmax, overlay,
+both PNGs) and takes the next batch at once. Nothing waits on anything but its own input: the
+main thread only reports finished images, in order, as they come. Pillow, numpy and onnxruntime
+release the GIL in their heavy loops, so all of them overlap. Batches and writes wait in bounded
+numbers, so memory stays that of a few images whatever the folder holds.
 """
 
 from __future__ import annotations
@@ -29,6 +29,11 @@ OUTPUT_NAME = "logits"
 READ_AHEAD = 2  # decoded images waiting beyond one batch
 BATCHES_QUEUED = 1  # batches (per model thread) waiting for a model thread beyond those running
 WRITES_IN_FLIGHT = 2  # batches (per model thread) whose masks are still being written
+# Writer threads per model thread. Writing takes a fraction of the model's time per image, and
+# every extra busy thread makes the cores switch more: on 2 cores, one writer beside the two model
+# threads gave 0.70 of the bare session's images/s with overlays against 0.66 with two writers
+# (fp32), and 0.70 against 0.64 with --no-overlay (int8), in one run.
+WRITERS_PER_RUN = 0.5
 # PNG encoding is most of predict's work beside the model: level 1 takes about half the time of
 # zlib's default 6 on 240x180 CamVid frames, for files about 1.3x larger. The overlay (RGB) is
 # deflated with Huffman codes only: 20% faster than level 1's default strategy there, for files
@@ -186,6 +191,7 @@ def run_pipeline(
     # Images whose masks are being written: a model thread waits only when the writers fall
     # this far behind.
     write_slots = threading.BoundedSemaphore(runs * batch * WRITES_IN_FLIGHT)
+    writers = max(1, round(runs * WRITERS_PER_RUN))
     inferred: deque[Future] = deque()  # per batch: (session seconds, [(position, write)])
     done: list[tuple[int, dict]] = []
 
@@ -225,7 +231,7 @@ def run_pipeline(
 
     with (
         ThreadPoolExecutor(1, thread_name_prefix="memseg-read") as reader,
-        ThreadPoolExecutor(runs, thread_name_prefix="memseg-write") as writer,
+        ThreadPoolExecutor(writers, thread_name_prefix="memseg-write") as writer,
         ThreadPoolExecutor(runs, thread_name_prefix="memseg-model") as model,  # closes first
     ):
         window = runs * batch + READ_AHEAD
