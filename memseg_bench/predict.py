@@ -47,7 +47,7 @@ def collect_images(inputs: list[str]) -> list[Path]:
 def parallel_runs(providers: list[str], threads: int) -> tuple[int, int]:
     """(onnxruntime threads per image, images run at once) for a folder. On the CPU whole images
     in parallel beat one image on every core: 2 cores, 240x180 CamVid frames, the embedded
-    student: 114 vs 74 images/s (fp32), 206 vs 140 (int8). `threads` 0: one per image, as many
+    student: 128 vs 90 images/s (fp32), 278 vs 219 (int8). `threads` 0: one per image, as many
     images as cores; N: N threads per image. A GPU runs one image (or batch) at a time."""
     from memseg_bench.runtime import CUDA, machine_threads
 
