@@ -1,14 +1,17 @@
 """The folder pipeline of `memseg predict`: decode, model, write, overlapped.
 
-A reader thread decodes (and, past max_side, downscales) the next images while the model runs on
-the current batches (`runs` at once, on threads of their own); a writer thread takes the argmax,
-builds the overlay and writes both PNGs. Pillow, numpy and onnxruntime release the GIL in their
-heavy loops, so all of them overlap. Images wait in small bounded queues: memory stays that of a
-few images whatever the folder holds.
+A reader thread decodes (and, past max_side, downscales) the next images in input order; the main
+thread groups them into batches and hands each to a model thread (`runs` of them, each running its
+own batches); a model thread hands its masks to the writer threads (half as many: argmax, overlay,
+both PNGs) and takes the next batch at once. Nothing waits on anything but its own input: the
+main thread only reports finished images, in order, as they come. Pillow, numpy and onnxruntime
+release the GIL in their heavy loops, so all of them overlap. Batches and writes wait in bounded
+numbers, so memory stays that of a few images whatever the folder holds.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -24,10 +27,19 @@ from memseg_bench.fileio import read_image, save_png
 INPUT_NAME = "image"
 OUTPUT_NAME = "logits"
 READ_AHEAD = 2  # decoded images waiting beyond one batch
-WRITES_IN_FLIGHT = 2  # batches whose masks are still being written
+BATCHES_QUEUED = 1  # batches (per model thread) waiting for a model thread beyond those running
+WRITES_IN_FLIGHT = 2  # batches (per model thread) whose masks are still being written
+# Writer threads per model thread. Writing takes a fraction of the model's time per image, and
+# every extra busy thread makes the cores switch more: on 2 cores, one writer beside the two model
+# threads gave 0.70 of the bare session's images/s with overlays against 0.66 with two writers
+# (fp32), and 0.70 against 0.64 with --no-overlay (int8), in one run.
+WRITERS_PER_RUN = 0.5
 # PNG encoding is most of predict's work beside the model: level 1 takes about half the time of
-# zlib's default 6 on 240x180 CamVid frames, for files about 1.3x larger.
+# zlib's default 6 on 240x180 CamVid frames, for files about 1.3x larger. The overlay (RGB) is
+# deflated with Huffman codes only: 20% faster than level 1's default strategy there, for files
+# of the same size; Pillow's per-row filter choice (not switchable) is most of what remains.
 PNG_LEVEL = 1
+Z_HUFFMAN_ONLY = 2  # zlib's strategy constant
 
 
 @dataclass
@@ -74,11 +86,13 @@ def decode(position: int, path: Path, max_side: int) -> Decoded | Unreadable:
 def class_ids(logits: np.ndarray) -> np.ndarray:
     """argmax over classes of [C, H, W] logits as uint8, first class on ties; one pass per class
     over contiguous planes instead of numpy's strided argmax."""
-    best = logits[0].copy()
-    ids = np.zeros(best.shape, np.uint8)
-    for c in range(1, logits.shape[0]):
-        better = logits[c] > best
-        ids[better] = c
+    if logits.shape[0] == 1:
+        return np.zeros(logits.shape[1:], np.uint8)
+    ids = np.greater(logits[1], logits[0]).view(np.uint8)  # class 1 where it beats class 0
+    best = np.maximum(logits[0], logits[1])
+    for c in range(2, logits.shape[0]):
+        better = np.greater(logits[c], best)
+        np.copyto(ids, np.uint8(c), where=better)
         np.maximum(best, logits[c], out=best)
     return ids
 
@@ -106,7 +120,7 @@ def write(
     save_png(mask_path, mask, palette=info["palette"], compress_level=PNG_LEVEL)
     if with_overlay:
         blended = overlay(image, mask, info["colours"])
-        save_png(overlay_path, blended, compress_level=PNG_LEVEL)
+        save_png(overlay_path, blended, compress_level=PNG_LEVEL, compress_type=Z_HUFFMAN_ONLY)
     return {
         "input": str(item.path),
         "mask": str(mask_path),
@@ -171,62 +185,62 @@ def run_pipeline(
 ) -> PipelineRun:
     run = PipelineRun()
     started = time.perf_counter()
-    writes: deque[list[tuple[int, Future]]] = deque()
-    running: deque[tuple[list[Decoded], Future]] = deque()
+    # Batches handed to the model threads and not yet done: a model thread that finishes one
+    # takes the next from the executor's queue without waiting for the main thread.
+    model_slots = threading.BoundedSemaphore(runs * (1 + BATCHES_QUEUED))
+    # Images whose masks are being written: a model thread waits only when the writers fall
+    # this far behind.
+    write_slots = threading.BoundedSemaphore(runs * batch * WRITES_IN_FLIGHT)
+    writers = max(1, round(runs * WRITERS_PER_RUN))
+    inferred: deque[Future] = deque()  # per batch: (session seconds, [(position, write)])
     done: list[tuple[int, dict]] = []
 
-    def infer(group: list[Decoded]) -> tuple[np.ndarray, float]:
-        inputs = np.stack([item.model_input.transpose(2, 0, 1) for item in group])
-        feed = {INPUT_NAME: inputs.astype(np.float32)}
-        start = time.perf_counter()
-        (logits,) = session.run([OUTPUT_NAME], feed)
-        return logits, time.perf_counter() - start
+    def infer_and_hand_over(group: list[Decoded]) -> tuple[float, list[tuple[int, Future]]]:
+        try:
+            inputs = np.stack([item.model_input.transpose(2, 0, 1) for item in group])
+            feed = {INPUT_NAME: inputs.astype(np.float32)}
+            start = time.perf_counter()
+            (logits,) = session.run([OUTPUT_NAME], feed)
+            elapsed = time.perf_counter() - start
+            writes = []
+            for item, item_logits in zip(group, logits, strict=True):
+                write_slots.acquire()
+                future = writer.submit(
+                    write, item, item_logits, info, folder_for(item.path), elapsed * 1000,
+                    len(group), with_overlay,
+                )  # fmt: skip
+                future.add_done_callback(lambda _: write_slots.release())
+                writes.append((item.position, future))
+            return elapsed, writes
+        finally:
+            model_slots.release()
 
-    def hand_over(group: list[Decoded], inferred: Future) -> None:
-        logits, elapsed = inferred.result()
-        run.session_s += elapsed
-        writes.append(
-            [
-                (
-                    item.position,
-                    writer.submit(
-                        write,
-                        item,
-                        item_logits,
-                        info,
-                        folder_for(item.path),
-                        elapsed * 1000,
-                        len(group),
-                        with_overlay,
-                    ),
-                )
-                for item, item_logits in zip(group, logits, strict=True)
-            ]
-        )
-        if len(writes) > WRITES_IN_FLIGHT:
-            finish(writes.popleft())
-
-    def finish(futures: list[tuple[int, Future]]) -> None:
-        for position, future in futures:
-            result = future.result()
-            on_result(result)
-            done.append((position, result))
+    def report(wait: bool) -> None:
+        """Report finished images in input order; with `wait`, all of them."""
+        while inferred and (wait or inferred[0].done()):
+            elapsed, writes = inferred[0].result()
+            while writes and (wait or writes[0][1].done()):
+                position, future = writes.pop(0)
+                result = future.result()
+                on_result(result)
+                done.append((position, result))
+            if writes:
+                return
+            inferred.popleft()
+            run.session_s += elapsed
 
     with (
         ThreadPoolExecutor(1, thread_name_prefix="memseg-read") as reader,
-        ThreadPoolExecutor(runs, thread_name_prefix="memseg-model") as model,
-        ThreadPoolExecutor(runs, thread_name_prefix="memseg-write") as writer,
+        ThreadPoolExecutor(writers, thread_name_prefix="memseg-write") as writer,
+        ThreadPoolExecutor(runs, thread_name_prefix="memseg-model") as model,  # closes first
     ):
         window = runs * batch + READ_AHEAD
         decoded = decoded_in_order(images, max_side, window, reader, run, on_skip)
         for group in batches(decoded, batch):
-            running.append((group, model.submit(infer, group)))
-            if len(running) >= runs:
-                hand_over(*running.popleft())
-        while running:
-            hand_over(*running.popleft())
-        while writes:
-            finish(writes.popleft())
+            model_slots.acquire()
+            inferred.append(model.submit(infer_and_hand_over, group))
+            report(wait=False)
+        report(wait=True)
     run.results = [result for _, result in sorted(done, key=lambda pair: pair[0])]
     run.wall_s = time.perf_counter() - started
     return run

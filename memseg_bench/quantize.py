@@ -1,6 +1,6 @@
 """Static int8 quantization of an exported model with onnxruntime's quantization tools.
 
-The QDQ graph is calibrated on a fixed sample of training images, drawn by seed from the sorted
+The graph is calibrated on a fixed sample of training images, drawn by seed from the sorted
 train ids and preprocessed as evaluation and `memseg predict` feed the model (RGB 0..255 float32,
 normalisation inside the graph). The sample and the quantization method are returned for the
 export report, so that the int8 model can be remade exactly.
@@ -8,9 +8,11 @@ export report, so that the int8 model can be remade exactly.
 
 from __future__ import annotations
 
+import logging
 import random
 import tempfile
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from memseg_bench.errors import UserError, first_line
 
 CALIBRATION_SPLIT = "train"
 CALIBRATE_METHODS = ("minmax", "entropy", "percentile")
+FORMATS = ("QOperator", "QDQ")
 
 
 @dataclass(frozen=True)
@@ -31,10 +34,15 @@ class Int8Method:
     # Leave the last node (the upsampling of the logits to the input size) in float: its input
     # and output are then not rounded to 8 bits, which is where near-tied classes flip.
     float_output: bool = True
+    # QOperator writes the quantized operators themselves (QLinearConv, QLinearAdd, uint8 Pad,
+    # ...). In QDQ form onnxruntime's CPU fusions turn every Conv into QLinearConv too, but have
+    # no rule for Pad: the EfficientNet "same" pads before each strided convolution then run in
+    # float between a DequantizeLinear and a QuantizeLinear, a quarter of the int8 time at 512x512.
+    format: str = "QOperator"
 
     def describe(self) -> dict:
         return {
-            "format": "QDQ",
+            "format": self.format,
             "activations": "uint8",
             "weights": "int8",
             "per_channel": self.per_channel,
@@ -76,6 +84,23 @@ def _reader(images: Iterator[np.ndarray], input_name: str):
     return Images()
 
 
+@contextmanager
+def _quiet_about_integer_tensors() -> Iterator[None]:
+    """onnxruntime's quantizer warns on the root logger about every integer tensor that an Add,
+    Mul or Concat it could quantize takes, and leaves it integer: here the shape arithmetic of the
+    size-dependent pads and resizes, which must stay so. Those lines alone are dropped."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Inference failed or unsupported type")
+
+    root = logging.getLogger()
+    root.addFilter(keep)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)
+
+
 def _output_node(model) -> str:
     outputs = {output.name for output in model.graph.output}
     return next(node.name for node in model.graph.node if set(node.output) & outputs)
@@ -88,11 +113,13 @@ def quantize_int8(
     method: Int8Method = Int8Method(),
     input_name: str = "image",
 ) -> None:
-    """Write the int8 QDQ model of `fp32_path` to `int8_path`, with the same metadata."""
+    """Write the int8 model of `fp32_path` to `int8_path`, with the same metadata."""
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    if method.format not in FORMATS:
+        raise UserError(f"int8 format must be one of {list(FORMATS)}, got {method.format!r}")
     if method.calibrate_method not in CALIBRATE_METHODS:
         raise UserError(
             f"params: 'export.int8_calibrate_method' must be one of {list(CALIBRATE_METHODS)}, "
@@ -111,21 +138,22 @@ def quantize_int8(
         quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
         excluded = [_output_node(onnx.load(str(prepared)))] if method.float_output else []
         try:
-            quantize_static(
-                str(prepared),
-                str(int8_path),
-                _reader(images, input_name),
-                quant_format=QuantFormat.QDQ,
-                per_channel=method.per_channel,
-                # uint8 activations with int8 weights fuse every Conv into QLinearConv on x86;
-                # with int8 activations the depthwise convolutions stay float between Q/DQ pairs.
-                activation_type=QuantType.QUInt8,
-                weight_type=QuantType.QInt8,
-                nodes_to_exclude=excluded,
-                calibrate_method=calibrate,
-                calibration_providers=["CPUExecutionProvider"],
-                extra_options={"ActivationSymmetric": method.symmetric_activations},
-            )
+            with _quiet_about_integer_tensors():
+                quantize_static(
+                    str(prepared),
+                    str(int8_path),
+                    _reader(images, input_name),
+                    quant_format=getattr(QuantFormat, method.format),
+                    per_channel=method.per_channel,
+                    # uint8 activations with int8 weights make every Conv a QLinearConv on x86;
+                    # with int8 activations (QDQ) the depthwise convolutions stayed float.
+                    activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8,
+                    nodes_to_exclude=excluded,
+                    calibrate_method=calibrate,
+                    calibration_providers=["CPUExecutionProvider"],
+                    extra_options={"ActivationSymmetric": method.symmetric_activations},
+                )
         except Exception as error:  # onnxruntime's quantizer raises assorted types
             raise UserError(
                 f"int8 quantization of {fp32_path} failed: {first_line(error)}"

@@ -351,6 +351,24 @@ def test_class_ids_is_the_argmax_with_the_first_class_on_ties():
     ids = class_ids(logits)
     assert ids.dtype == np.uint8
     np.testing.assert_array_equal(ids, logits.argmax(0))
+    np.testing.assert_array_equal(class_ids(logits[:1]), np.zeros((17, 23), np.uint8))
+    np.testing.assert_array_equal(class_ids(logits[:2]), logits[:2].argmax(0))
+
+
+def test_overlay_is_the_rounded_mean_with_halves_to_even():
+    """Every pair of image and colour values, over more rows than one blended block."""
+    from memseg_bench.predict import OVERLAY_ROWS, overlay
+
+    rows = OVERLAY_ROWS + 44
+    values = np.arange(256)
+    image = np.repeat(values[np.arange(rows) % 256, None], 256, axis=1)[..., None].repeat(3, 2)
+    colours = np.stack([values, values[::-1], np.full(256, 7)], axis=1).astype(np.uint8)
+    mask = np.tile(values.astype(np.uint8), (rows, 1))
+    image = image.astype(np.uint8)
+    expected = np.round(0.5 * image.astype(np.float32) + 0.5 * colours[mask].astype(np.float32))
+    blended = overlay(image, mask, colours)
+    assert blended.dtype == np.uint8
+    np.testing.assert_array_equal(blended, expected)
 
 
 def test_parallel_runs_on_the_cpu_use_every_core_one_image_each(monkeypatch):

@@ -10,13 +10,20 @@ from collections.abc import Sequence
 from pathlib import Path
 
 CPU_PROVIDERS = ["CPUExecutionProvider"]
+# Rounds of (bare session, predict, predict --no-overlay, one image at a time), each pass over the
+# whole folder; the rates are the medians over rounds, so that machine load that drifts during the
+# run (file-system latency here varied 10x between minutes) weighs on all of them alike.
+ROUNDS = 3
 
 
-def bench_folder(model: Path, folder: Path, threads: int) -> dict:
+def bench_folder(model: Path, folder: Path, threads: int, rounds: int = ROUNDS) -> dict:
     """Images/s of predict's pipeline (decode, model, write) on every image of `folder`; of its
     session alone on the same images already decoded, as many at a time as predict runs; and of
-    one image at a time on `threads` threads (predict's way before it ran images in parallel)."""
+    one image at a time on `threads` threads (predict's way before it ran images in parallel).
+    Beside each rate, the process's CPU time per image: predict's minus the bare session's is what
+    decoding, argmax and writing cost the cores."""
     from concurrent.futures import ThreadPoolExecutor
+    from statistics import median
 
     import numpy as np
 
@@ -33,36 +40,55 @@ def bench_folder(model: Path, folder: Path, threads: int) -> dict:
     decoded = [read_image(path, orient=True).transpose(2, 0, 1)[None] for path in images]
     feeds = [{"image": np.ascontiguousarray(image, dtype=np.float32)} for image in decoded]
 
-    def bare_rate(session, runs: int) -> float:
+    def timed(work) -> tuple[float, float]:
+        """(wall s, process CPU s) of work()"""
+        wall, cpu = time.perf_counter(), time.process_time()
+        work()
+        return time.perf_counter() - wall, time.process_time() - cpu
+
+    def bare(session, runs: int) -> tuple[float, float]:
         session.run(["logits"], feeds[0])  # warm-up, outside the timing
-        start = time.perf_counter()
         with ThreadPoolExecutor(runs) as pool:
-            list(pool.map(lambda feed: session.run(["logits"], feed), feeds))
-        return len(feeds) / (time.perf_counter() - start)
+            return timed(lambda: list(pool.map(lambda f: session.run(["logits"], f), feeds)))
+
+    def pipeline(session, info, runs: int, with_overlay: bool) -> tuple[float, float]:
+        with tempfile.TemporaryDirectory(prefix="memseg-bench-out-") as out:
+
+            def work() -> None:
+                run_pipeline(session, info, images, lambda _: Path(out), MAX_SIDE, 1,
+                             lambda _: None, print, with_overlay, runs)  # fmt: skip
+
+            return timed(work)
 
     one_image, _ = open_session(str(model), "cpu", threads)
-    one_image_rate = bare_rate(one_image, 1)
     session, info, runs = open_parallel_session(str(model), "cpu")
-    session_rate = bare_rate(session, runs)
-    rates = {}
-    for with_overlay in (True, False):
-        with tempfile.TemporaryDirectory(prefix="memseg-bench-out-") as out:
-            run = run_pipeline(
-                session, info, images, lambda _: Path(out), MAX_SIDE, 1, lambda _: None, print,
-                with_overlay=with_overlay, runs=runs,
-            )  # fmt: skip
-        rates[with_overlay] = len(run.results) / run.wall_s
+    measured: dict[str, list[tuple[float, float]]] = {
+        "session": [], "predict": [], "masks_only": [], "one_image": []
+    }  # fmt: skip
+    for _ in range(rounds):
+        measured["session"].append(bare(session, runs))
+        measured["predict"].append(pipeline(session, info, runs, True))
+        measured["masks_only"].append(pipeline(session, info, runs, False))
+        measured["one_image"].append(bare(one_image, 1))
+    rate = {name: median(len(images) / wall for wall, _ in rows) for name, rows in measured.items()}
+    cpu_ms = {
+        name: median(1000 * cpu / len(images) for _, cpu in rows) for name, rows in measured.items()
+    }
     return {
         "folder": str(folder),
-        "images": len(run.results),
+        "images": len(images),
         "runs": runs,
-        "predict_images_per_s": rates[True],
-        "session_images_per_s": session_rate,
-        "ratio": rates[True] / session_rate,
-        "masks_only_images_per_s": rates[False],
-        "masks_only_ratio": rates[False] / session_rate,
-        "one_image_images_per_s": one_image_rate,
-        "ratio_to_one_image": rates[True] / one_image_rate,
+        "rounds": rounds,
+        "predict_images_per_s": rate["predict"],
+        "session_images_per_s": rate["session"],
+        "ratio": rate["predict"] / rate["session"],
+        "masks_only_images_per_s": rate["masks_only"],
+        "masks_only_ratio": rate["masks_only"] / rate["session"],
+        "one_image_images_per_s": rate["one_image"],
+        "ratio_to_one_image": rate["predict"] / rate["one_image"],
+        "session_cpu_ms_per_image": cpu_ms["session"],
+        "predict_cpu_ms_per_image": cpu_ms["predict"],
+        "masks_only_cpu_ms_per_image": cpu_ms["masks_only"],
     }
 
 

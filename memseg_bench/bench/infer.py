@@ -15,17 +15,29 @@ from memseg_bench.errors import UserError
 WARMUP = 2
 RANDOM_INIT_CLASSES = 21
 CPU_PROVIDERS = ["CPUExecutionProvider"]
+# After a run, an onnxruntime session's pool threads spin for about 50 ms (measured: 50-60 ms of
+# CPU time while the caller slept 100-500 ms), and torch's OpenMP threads briefly too. Timed back
+# to back, the next callable shares the cores with them: fp32 at 512x512 took 92 ms interleaved
+# with the int8 session against 53 ms alone, and the shorter int8 run lost the most. Each timed
+# run starts after this pause instead, with every other thread pool parked.
+SETTLE_S = 0.1
+CPU_COLUMNS = (
+    "session_cpu_ms_per_image",
+    "predict_cpu_ms_per_image",
+    "masks_only_cpu_ms_per_image",
+)
 
 
 def _median_ms(runs: list[Callable[[], object]], repeats: int) -> list[float]:
     """Median wall time of each callable; the callables alternate so that drifting machine load
-    affects them alike."""
+    affects them alike, each timed after the others' threads have settled (SETTLE_S)."""
     for run in runs:
         for _ in range(WARMUP):
             run()
     times: list[list[float]] = [[] for _ in runs]
     for _ in range(repeats):
         for run, samples in zip(runs, times, strict=True):
+            time.sleep(SETTLE_S)
             start = time.perf_counter()
             run()
             samples.append((time.perf_counter() - start) * 1000)
@@ -249,7 +261,8 @@ def print_results(results: list[dict], threads: int) -> None:
         if result["folder"]:
             table = Table("model", "images", "images at once", "session images/s",
                           "predict images/s", "ratio", "--no-overlay images/s", "ratio",
-                          "one image on all cores, images/s", "predict / that")  # fmt: skip
+                          "one image on all cores, images/s", "predict / that",
+                          "CPU ms/image: session, predict, --no-overlay")  # fmt: skip
             for row in result["folder"]:
                 table.add_row(
                     row["model"], str(row["images"]), str(row["runs"]),
@@ -257,6 +270,10 @@ def print_results(results: list[dict], threads: int) -> None:
                     f"{row['predict_images_per_s']:.1f}", f"{row['ratio']:.3f}",
                     f"{row['masks_only_images_per_s']:.1f}", f"{row['masks_only_ratio']:.3f}",
                     f"{row['one_image_images_per_s']:.1f}", f"{row['ratio_to_one_image']:.3f}",
+                    ", ".join(f"{row[key]:.1f}" for key in CPU_COLUMNS),
                 )  # fmt: skip
-            console.print(f"{result['model']}: folder {result['folder'][0]['folder']}")
+            console.print(
+                f"{result['model']}: folder {result['folder'][0]['folder']} "
+                f"(medians of {result['folder'][0]['rounds']} rounds)"
+            )
             console.print(table)
