@@ -161,25 +161,11 @@ def test_model_files_written_before_the_knob_load_with_their_paper_value():
 def test_the_exported_graph_upsamples_with_the_models_setting(tmp_path):
     import onnxruntime as ort
 
-    from memseg_bench.config import config_hash
     from memseg_bench.export import FullResolution, export_onnx
     from memseg_bench.models import load_segmenter
+    from tests.test_export_predict import write_model_file
 
-    config = Config(model=ModelConfig(align_corners=True))
-    torch.manual_seed(0)
-    net = build_segmenter(config.model, 3, MEAN, STD)
-    with torch.no_grad():
-        net.head.classifier.weight.mul_(20)
-    torch.save(
-        {
-            "model_state": net.state_dict(),
-            "config": config_to_dict(config),
-            "class_names": ["a", "b", "c"],
-            "palette": [[0, 0, 0], [1, 1, 1], [2, 2, 2]],
-            "config_hash": config_hash(config),
-        },
-        tmp_path / "model.pt",
-    )
+    write_model_file(tmp_path / "model.pt", Config(model=ModelConfig(align_corners=True)))
     onnx_path = tmp_path / "student.onnx"
     report = export_onnx(
         tmp_path / "model.pt", onnx_path, tmp_path / "check.json", sizes=[[32, 32], [48, 40]]

@@ -13,13 +13,13 @@ NUM_CLASSES = 3
 SIZES = [[32, 32], [48, 40]]
 
 
-def write_model_file(path: Path) -> None:
+def write_model_file(path: Path, config=None) -> None:
     import torch
 
     from memseg_bench.config import Config, config_hash, config_to_dict
     from memseg_bench.models import build_segmenter
 
-    config = Config()
+    config = config or Config()
     torch.manual_seed(0)
     net = build_segmenter(config.model, NUM_CLASSES, config.data.mean, config.data.std)
     # Spread the classifier so that argmax ties (and thus flaky agreement) are unlikely.

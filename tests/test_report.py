@@ -296,14 +296,18 @@ def test_update_readme_replaces_only_the_named_block(tmp_path):
         update_readme(readme, "x", "voc")
 
 
-def test_ablation_delta_is_paired_by_seed_with_an_interval(tmp_path):
+def ablation_runs():
+    """memseg on three seeds and a variant whose seeds lie -1, -3 and -2 points below."""
     full = [record("memseg", 5, s, v) for s, v in enumerate([0.40, 0.50, 0.45])]
-    # the variant's seeds are the full method's shifted by -1, -3 and -2 points
     variant = [
         record("memseg", 5, s, v, variant="masked_entropy")
         for s, v in enumerate([0.39, 0.47, 0.43])
     ]
-    summary = build_report(write(tmp_path / "metrics", full + variant), tmp_path / "tables")
+    return full + variant
+
+
+def test_ablation_delta_is_paired_by_seed_with_an_interval(tmp_path):
+    summary = build_report(write(tmp_path / "metrics", ablation_runs()), tmp_path / "tables")
     ablation = summary["protocols"][summary["default_protocol"]]["tables"]["ablation"]
     row = ablation["memseg+masked_entropy"]
     assert row["delta_same_seeds"] == pytest.approx(-2.0)
@@ -316,12 +320,7 @@ def test_ablation_delta_is_paired_by_seed_with_an_interval(tmp_path):
 def test_readme_block_shows_the_ablation_table_and_no_empty_checks(tmp_path):
     from memseg_bench.report_stage import readme_results, update_readme
 
-    full = [record("memseg", 5, s, v) for s, v in enumerate([0.40, 0.50, 0.45])]
-    variant = [
-        record("memseg", 5, s, v, variant="masked_entropy")
-        for s, v in enumerate([0.39, 0.47, 0.43])
-    ]
-    summary = build_report(write(tmp_path / "metrics", full + variant), tmp_path / "tables")
+    summary = build_report(write(tmp_path / "metrics", ablation_runs()), tmp_path / "tables")
     tables = summary["protocols"][summary["default_protocol"]]["tables"]
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- ablations:start -->\n<!-- ablations:end -->\nafter\n")
