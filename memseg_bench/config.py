@@ -57,6 +57,16 @@ class SplitConfig:
     draw_seed: int = 0
     # Label counts drawn by `memseg prepare` for our own families.
     n_labeled: tuple[int, ...] = (20, 400)
+    # Unlabeled images the semi-supervised runs draw their batches from: a seeded subset of the
+    # split's unlabeled list, one per split draw (null: all of them). A short schedule then
+    # shows each unlabeled image many times instead of once or twice.
+    n_unlabeled: int | None = None
+
+    def __post_init__(self):
+        if self.n_unlabeled is not None and self.n_unlabeled < 1:
+            raise UserError(
+                f"params: 'split.n_unlabeled' must be at least 1, got {self.n_unlabeled}"
+            )
 
 
 @dataclass(frozen=True)

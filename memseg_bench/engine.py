@@ -109,7 +109,7 @@ def open_train_data(
 ) -> TrainData:
     from .data.datasets import open_dataset
     from .data.loader import BatchStream, SegmentationDataset
-    from .data.splits import load_split, split_hash
+    from .data.splits import load_split, split_hash, unlabeled_subset
 
     train = config.train
     index = open_dataset(config.data)
@@ -138,18 +138,21 @@ def open_train_data(
             pin_memory=dist.device.type == "cuda",
         )
 
+    drawn_split = split_hash(labeled_ids, unlabeled_ids)
     unlabeled = None
     if needs_unlabeled:
         if not unlabeled_ids:
             raise UserError(
                 f"split {family}/{spec.n_labeled} has no unlabeled images for {spec.method}"
             )
+        if config.split.n_unlabeled is not None:
+            unlabeled_ids = unlabeled_subset(unlabeled_ids, config.split.n_unlabeled, spec.seed)
         unlabeled = stream(unlabeled_ids, train.batch_unlabeled, 7919)
     return TrainData(
         class_names=list(index.class_names),
         palette=[list(c) for c in index.palette],
         n_labeled=len(labeled_ids),
-        split_hash=split_hash(labeled_ids, unlabeled_ids),
+        split_hash=drawn_split,
         labeled=stream(labeled_ids, train.batch_labeled, 0),
         unlabeled=unlabeled,
         index=index,

@@ -12,6 +12,7 @@ from memseg_bench.data.splits import (
     read_ids,
     read_manifest,
     split_hash,
+    unlabeled_subset,
     verify_against_dataset,
     write_family,
 )
@@ -41,6 +42,18 @@ def test_draw_split_is_seeded_nested_and_complete():
     assert draw_split(IDS, 10, seed=0)[0][:5] == labeled
     with pytest.raises(UserError, match="outside"):
         draw_split(IDS, 31, seed=0)
+
+
+def test_unlabeled_subset_is_seeded_nested_and_bounded():
+    unlabeled = draw_split(IDS, 6, seed=0)[1]
+    subset = unlabeled_subset(list(reversed(unlabeled)), 8, seed=2)
+    assert len(subset) == 8 and subset == sorted(subset) and set(subset) <= set(unlabeled)
+    assert unlabeled_subset(unlabeled, 8, seed=2) == subset
+    assert unlabeled_subset(unlabeled, 8, seed=3) != subset
+    assert set(subset) <= set(unlabeled_subset(unlabeled, 12, seed=2))
+    assert unlabeled_subset(unlabeled, 24, seed=2) == sorted(unlabeled)
+    with pytest.raises(UserError, match="split.n_unlabeled.*24 unlabeled"):
+        unlabeled_subset(unlabeled, 25, seed=2)
 
 
 def test_write_load_and_tamper(tmp_path):
@@ -201,3 +214,30 @@ def test_every_preset_loads_and_names_shipped_splits(preset):
         assert config.data.std == (255.0, 255.0, 255.0)
         assert config.train.iterations == 150000
         assert config.evaluate.mode == "whole"
+
+
+def test_semi_supervised_runs_draw_only_from_the_unlabeled_subset(tmp_path, monkeypatch):
+    import copy
+
+    from memseg_bench.config import load_config
+    from memseg_bench.distributed import Dist
+    from memseg_bench.engine import open_train_data
+    from memseg_bench.runs import RunSpec
+    from tests.project import TINY_PARAMS, make_project, memseg
+
+    params = copy.deepcopy(TINY_PARAMS)
+    params["split"]["n_unlabeled"] = 5
+    project = make_project(tmp_path / "p", params)
+    memseg(project, "prepare")
+    monkeypatch.chdir(project)
+    config = load_config("params.yaml")
+    spec = RunSpec("memseg", "random", 6, 0)
+    _, unlabeled = load_split(Path("splits"), "synthetic", "random", 6)
+    pooled = open_train_data(config, spec, Dist(), needs_unlabeled=True)
+    whole = open_train_data(
+        load_config("params.yaml", {"split": {"n_unlabeled": None}}), spec, Dist(), True
+    )
+    assert pooled.n_unlabeled == 5 and whole.n_unlabeled == len(unlabeled) == 18
+    assert pooled.split_hash == whole.split_hash  # the same split draw
+    seen = {name for _ in range(12) for name in next(pooled.unlabeled)["id"]}
+    assert seen == set(unlabeled_subset(unlabeled, 5, seed=0))

@@ -52,6 +52,18 @@ def draw_split(train_ids: Sequence[str], n_labeled: int, seed: int) -> tuple[lis
     return labeled, sorted(ordered[i] for i in permutation[n_labeled:])
 
 
+def unlabeled_subset(unlabeled: Sequence[str], n: int, seed: int) -> list[str]:
+    """n of the unlabeled ids by a seeded permutation of the sorted list, returned sorted; the
+    same seed gives nested subsets for growing n."""
+    ordered = sorted(unlabeled)
+    if n > len(ordered):
+        raise UserError(
+            f"params: 'split.n_unlabeled' is {n}, but the split has {len(ordered)} unlabeled images"
+        )
+    permutation = np.random.default_rng(seed).permutation(len(ordered))
+    return sorted(ordered[i] for i in permutation[:n])
+
+
 def complement(train_ids: Sequence[str], labeled: Sequence[str]) -> list[str]:
     chosen = set(labeled)
     return sorted(i for i in train_ids if i not in chosen)
