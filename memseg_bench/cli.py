@@ -170,7 +170,7 @@ def predict(
     ),
     batch: int = typer.Option(1, help="images of one size that go through the model together"),
     threads: int = typer.Option(0, help="onnxruntime threads (0: every core of this process)"),
-    overlay: bool = typer.Option(True, "--overlay/--no-overlay", help="write <name>_overlay.png"),
+    overlay: bool = typer.Option(True, "--overlay/--no-overlay", help="write <name>_overlay.jpg"),
 ) -> None:
     """Segment images with the exported model (onnxruntime, no torch)."""
     from memseg_bench.predict import predict as run_predict

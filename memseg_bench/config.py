@@ -306,9 +306,9 @@ class ExportConfig:
     parity_sizes: tuple[tuple[int, int], ...] = ((64, 64), (96, 128))
     max_abs_tolerance: float = 1e-3
     min_argmax_agreement: float = 0.999
-    # Static int8 (QOperator form) model beside the fp32 one, calibrated on a seeded sample of training
-    # images; the export fails when it scores more than int8_max_miou_drop mIoU points below
-    # the fp32 model on the evaluation split.
+    # Static int8 (QOperator form) model beside the fp32 one, calibrated on a seeded sample of
+    # training images; the export fails when it scores more than int8_max_miou_drop mIoU points
+    # below the fp32 model on the evaluation split.
     int8: bool = False
     int8_calibration_images: int = 32
     int8_calibration_seed: int = 0

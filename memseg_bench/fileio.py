@@ -114,16 +114,29 @@ def write_bytes(path: str | Path, data) -> None:
             os.unlink(tmp)
 
 
+def save_jpeg(path: str | Path, array: np.ndarray, quality: int) -> None:
+    """Write a uint8 RGB array as JPEG atomically (encoded in memory first), colour at full
+    resolution (4:4:4), so that the sharp colour edges of a mask overlay stay sharp."""
+    import io
+
+    from PIL import Image
+
+    encoded = io.BytesIO()
+    Image.fromarray(array).save(encoded, format="JPEG", quality=quality, subsampling=0)
+    try:
+        write_bytes(path, encoded.getbuffer())
+    except OSError as error:
+        raise UserError(f"cannot write {path}: {error.strerror or error}") from None
+
+
 def save_png(
     path: str | Path,
     array: np.ndarray,
     palette: list[list[int]] | None = None,
     compress_level: int = 6,
-    compress_type: int | None = None,
 ) -> None:
     """Write a uint8 array as PNG atomically; a (H, W) array with a palette becomes mode P.
-    zlib's `compress_level` 1 encodes several times faster than the default 6, in larger files;
-    `compress_type` is zlib's strategy (None: Pillow's choice, Z_FILTERED for RGB)."""
+    zlib's `compress_level` 1 encodes several times faster than the default 6, in larger files."""
     import io
 
     from PIL import Image
@@ -133,9 +146,8 @@ def save_png(
         image = image.convert("P") if image.mode != "P" else image
         flat = [v for rgb in palette for v in rgb]
         image.putpalette(flat + [0] * (768 - len(flat)))
-    options = {} if compress_type is None else {"compress_type": compress_type}
     encoded = io.BytesIO()  # encoded first, so that a failed encode leaves no file behind
-    image.save(encoded, format="PNG", compress_level=compress_level, **options)
+    image.save(encoded, format="PNG", compress_level=compress_level)
     try:
         write_bytes(path, encoded.getbuffer())
     except OSError as error:

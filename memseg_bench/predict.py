@@ -1,7 +1,8 @@
 """Segment images with an exported model: onnxruntime, numpy and Pillow only (no torch).
 
-For every image: `<stem>_mask.png` (palette PNG, pixel value = class id) and `<stem>_overlay.png`
-(the image blended 50% with the coloured mask), next to the input unless an output folder is given.
+For every image: `<stem>_mask.png` (palette PNG, pixel value = class id) and `<stem>_overlay.jpg`
+(the image blended 50% with the coloured mask, JPEG quality 90), next to the input unless an
+output folder is given.
 Images are read as displayed (EXIF orientation applied). One longer than `max_side` pixels is
 downscaled for the model and its mask upscaled (nearest) to the image size, which bounds memory.
 A file that is not a readable image is skipped with one line; the run then ends with an error.

@@ -12,7 +12,7 @@ import yaml
 TINY_PARAMS = {
     "preset": "embedded",
     "data": {"synthetic": {"n_train": 24, "n_val": 4, "n_test": 4, "size": 32}},
-    "split": {"n_labeled": [6], "seed_suffix": None},
+    "split": {"n_labeled": [6], "seed_suffix": None, "n_unlabeled": None},
     "train": {
         "iterations": 16,
         "crop": 32,

@@ -159,7 +159,8 @@ def test_predict_png_and_jpeg(exported, tmp_path):
         assert overlay.shape == (*sizes[stem], 3)
         colour = np.array([[0, 0, 0], [220, 20, 60], [30, 144, 255]])[mask]
         blend = np.round(0.5 * image + 0.5 * colour)
-        assert np.abs(overlay.astype(float) - blend).max() <= 1
+        error = np.abs(overlay.astype(float) - blend).mean()  # JPEG quality 90 on noise
+        assert error <= 8 and error < 0.25 * np.abs(overlay.astype(float) - image).mean()
         assert result["latency_ms"] > 0
 
 
@@ -169,7 +170,7 @@ def test_predict_writes_next_to_the_input_by_default(exported, tmp_path):
     write_images(tmp_path)
     predict([str(tmp_path / "street.png")], str(exported["onnx"]), None, "auto")
     assert (tmp_path / "street_mask.png").is_file()
-    assert (tmp_path / "street_overlay.png").is_file()
+    assert (tmp_path / "street_overlay.jpg").is_file()
     assert not (tmp_path / "road_mask.png").exists()
 
 

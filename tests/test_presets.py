@@ -33,7 +33,12 @@ def tiny_params(preset: str, data_root: Path) -> dict:
     return {
         "preset": preset,
         "data": data,
-        "split": {"family": "test", "seed_suffix": "", "n_labeled": [N_LABELED]},
+        "split": {
+            "family": "test",
+            "seed_suffix": "",
+            "n_labeled": [N_LABELED],
+            "n_unlabeled": None,
+        },
         "model": {"weights": None},
         "train": {
             "iterations": 3,

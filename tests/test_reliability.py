@@ -501,7 +501,7 @@ def test_predict_gives_the_mask_of_an_exif_rotated_jpeg_as_displayed(forms):
     assert mask.shape == (40, 20)  # stored 40 wide, 20 high: displayed turned
     assert (mask[:18] == 0).all() and (mask[22:] == 2).all()  # white on top, black below
     np.testing.assert_array_equal(mask, expected_mask(forms["paths"]["exif_rotated.jpg"]))
-    with Image.open(forms["out"] / "exif_rotated_overlay.png") as overlay:
+    with Image.open(forms["out"] / "exif_rotated_overlay.jpg") as overlay:
         assert overlay.size == (20, 40)
 
 
@@ -555,9 +555,9 @@ def test_predict_skips_empty_and_non_image_files_and_fails_at_the_end(model, tmp
     assert len(lines) == 3 and lines[-1].startswith("error: 2 of 4 inputs"), lines
     for good in ("a_good", "z_good"):
         assert (tmp_path / "out" / f"{good}_mask.png").is_file()
-        assert (tmp_path / "out" / f"{good}_overlay.png").is_file()
+        assert (tmp_path / "out" / f"{good}_overlay.jpg").is_file()
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
-        "a_good_mask.png", "a_good_overlay.png", "z_good_mask.png", "z_good_overlay.png",
+        "a_good_mask.png", "a_good_overlay.jpg", "z_good_mask.png", "z_good_overlay.jpg",
     ]  # fmt: skip
 
 
