@@ -123,6 +123,10 @@ def save_jpeg(path: str | Path, array: np.ndarray, quality: int) -> None:
 
     encoded = io.BytesIO()
     Image.fromarray(array).save(encoded, format="JPEG", quality=quality, subsampling=0)
+    _write_encoded(path, encoded)
+
+
+def _write_encoded(path: str | Path, encoded) -> None:
     try:
         write_bytes(path, encoded.getbuffer())
     except OSError as error:
@@ -148,7 +152,4 @@ def save_png(
         image.putpalette(flat + [0] * (768 - len(flat)))
     encoded = io.BytesIO()  # encoded first, so that a failed encode leaves no file behind
     image.save(encoded, format="PNG", compress_level=compress_level)
-    try:
-        write_bytes(path, encoded.getbuffer())
-    except OSError as error:
-        raise UserError(f"cannot write {path}: {error.strerror or error}") from None
+    _write_encoded(path, encoded)
