@@ -53,15 +53,14 @@ def draw_split(train_ids: Sequence[str], n_labeled: int, seed: int) -> tuple[lis
 
 
 def unlabeled_subset(unlabeled: Sequence[str], n: int, seed: int) -> list[str]:
-    """n of the unlabeled ids by a seeded permutation of the sorted list, returned sorted; the
+    """n of the unlabeled ids, drawn as `draw_split` draws labeled ones, returned sorted; the
     same seed gives nested subsets for growing n."""
-    ordered = sorted(unlabeled)
-    if n > len(ordered):
+    if n > len(unlabeled):
+        held = len(unlabeled)
         raise UserError(
-            f"params: 'split.n_unlabeled' is {n}, but the split has {len(ordered)} unlabeled images"
+            f"params: 'split.n_unlabeled' is {n}, but the split has {held} unlabeled images"
         )
-    permutation = np.random.default_rng(seed).permutation(len(ordered))
-    return sorted(ordered[i] for i in permutation[:n])
+    return sorted(draw_split(unlabeled, n, seed)[0])
 
 
 def complement(train_ids: Sequence[str], labeled: Sequence[str]) -> list[str]:
