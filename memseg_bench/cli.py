@@ -198,6 +198,9 @@ def bench_infer(
     threads: int = typer.Option(2),
     folder: Path = typer.Option(None, help="images for predict's throughput, e.g. a test split"),
     tuning: bool = typer.Option(False, "--tuning", help="also time each session option"),
+    profile: bool = typer.Option(
+        False, "--profile", help="also profile the ORT fp32 session: time per operator, GFLOP/s"
+    ),
     params: Path = PARAMS,
 ) -> None:
     """Eager vs ORT fp32 vs ORT int8 latency at 512x512 and the protocol's size, the int8 mIoU
@@ -220,6 +223,7 @@ def bench_infer(
         threads=threads,
         folder=None if folder is None else str(folder),
         tuning=tuning,
+        profile=profile,
     )
 
 

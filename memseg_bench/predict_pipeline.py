@@ -62,6 +62,27 @@ class PipelineRun:
     skipped: list[Path] = field(default_factory=list)
     wall_s: float = 0.0
     session_s: float = 0.0  # time inside session.run
+    # CPU seconds per stage (decode, session, write), summed over the threads that ran it
+    stage_cpu_s: dict[str, float] = field(default_factory=dict)
+
+
+class StageClock:
+    """CPU time per stage of the pipeline, summed over its threads. time.thread_time counts the
+    calling thread only: a session with more than one thread per image runs part of its work on
+    onnxruntime's own pool threads, which are not in it."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def timed(self, stage: str, work: Callable, *args):
+        start = time.thread_time()
+        try:
+            return work(*args)
+        finally:
+            spent = time.thread_time() - start
+            with self._lock:
+                self.seconds[stage] = self.seconds.get(stage, 0.0) + spent
 
 
 def decode(position: int, path: Path, max_side: int) -> Decoded | Unreadable:
@@ -149,21 +170,21 @@ def batches(decoded: Iterator[Decoded], batch: int) -> Iterator[list[Decoded]]:
 
 
 def decoded_in_order(
-    images: list[Path], max_side: int, window: int, pool, run: PipelineRun, on_skip
+    images: list[Path], max_side: int, window: int, pool, run: PipelineRun, on_skip, clock
 ) -> Iterator[Decoded]:
     """The decoded images in input order, up to `window` decoding ahead on `pool`; unreadable
     ones are reported to `on_skip` and recorded in `run.skipped`."""
     pending: deque[Future] = deque()
     upcoming = iter(enumerate(images))
     for position, path in upcoming:
-        pending.append(pool.submit(decode, position, path, max_side))
+        pending.append(pool.submit(clock.timed, "decode", decode, position, path, max_side))
         if len(pending) >= window:
             break
     while pending:
         outcome = pending.popleft().result()
         following = next(upcoming, None)
         if following is not None:
-            pending.append(pool.submit(decode, *following, max_side))
+            pending.append(pool.submit(clock.timed, "decode", decode, *following, max_side))
         if isinstance(outcome, Unreadable):
             on_skip(outcome.error)
             run.skipped.append(outcome.path)
@@ -184,6 +205,7 @@ def run_pipeline(
     runs: int = 1,
 ) -> PipelineRun:
     run = PipelineRun()
+    clock = StageClock()
     started = time.perf_counter()
     # Batches handed to the model threads and not yet done: a model thread that finishes one
     # takes the next from the executor's queue without waiting for the main thread.
@@ -200,14 +222,14 @@ def run_pipeline(
             inputs = np.stack([item.model_input.transpose(2, 0, 1) for item in group])
             feed = {INPUT_NAME: inputs.astype(np.float32)}
             start = time.perf_counter()
-            (logits,) = session.run([OUTPUT_NAME], feed)
+            (logits,) = clock.timed("session", session.run, [OUTPUT_NAME], feed)
             elapsed = time.perf_counter() - start
             writes = []
             for item, item_logits in zip(group, logits, strict=True):
                 write_slots.acquire()
                 future = writer.submit(
-                    write, item, item_logits, info, folder_for(item.path), elapsed * 1000,
-                    len(group), with_overlay,
+                    clock.timed, "write", write, item, item_logits, info, folder_for(item.path),
+                    elapsed * 1000, len(group), with_overlay,
                 )  # fmt: skip
                 future.add_done_callback(lambda _: write_slots.release())
                 writes.append((item.position, future))
@@ -235,7 +257,7 @@ def run_pipeline(
         ThreadPoolExecutor(runs, thread_name_prefix="memseg-model") as model,  # closes first
     ):
         window = runs * batch + READ_AHEAD
-        decoded = decoded_in_order(images, max_side, window, reader, run, on_skip)
+        decoded = decoded_in_order(images, max_side, window, reader, run, on_skip, clock)
         for group in batches(decoded, batch):
             model_slots.acquire()
             inferred.append(model.submit(infer_and_hand_over, group))
@@ -243,4 +265,5 @@ def run_pipeline(
         report(wait=True)
     run.results = [result for _, result in sorted(done, key=lambda pair: pair[0])]
     run.wall_s = time.perf_counter() - started
+    run.stage_cpu_s = dict(clock.seconds)
     return run

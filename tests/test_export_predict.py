@@ -248,7 +248,7 @@ def test_bench_infer_small(tmp_path, monkeypatch):
     config = config_from_dict({"data": {**DATA, "root": str(tmp_path / "data")}, "model": MODEL})
     [result] = bench_infer(
         [str(tmp_path / "model.pt")], config, sizes=[(48, 48), None], repeats=2, threads=2,
-        folder=str(images),
+        folder=str(images), profile=True,
     )  # fmt: skip
     assert [row["size"] for row in result["latency"]] == ["48x48", "32x32"]  # the protocol's
     for row in result["latency"]:
@@ -262,9 +262,17 @@ def test_bench_infer_small(tmp_path, monkeypatch):
     assert cost["miou_drop"] == pytest.approx(
         100 * (cost["fp32_miou"] - cost["int8_miou"]), abs=1e-3
     )
+    assert [row["size"] for row in result["profile"]] == ["48x48", "32x32"]
+    for row, latency in zip(result["profile"], result["latency"], strict=True):
+        assert row["by_op"][0]["op"] in ("Conv", "FusedConv")  # a segmenter is mostly convolutions
+        assert row["conv_gflop"] > 0
+        assert row["eager_gflops_per_s"] == pytest.approx(
+            1e3 * row["conv_gflop"] / latency["eager_ms"]
+        )
     assert [row["model"] for row in result["folder"]] == ["fp32", "int8"]
     for row in result["folder"]:
         assert row["images"] == 6 and row["predict_images_per_s"] > 0
+        assert set(row["predict_stage_cpu_ms_per_image"]) == {"decode", "session", "write"}
         assert row["ratio"] == pytest.approx(
             row["predict_images_per_s"] / row["session_images_per_s"]
         )
@@ -401,6 +409,8 @@ def test_images_run_in_parallel_give_the_masks_of_one_at_a_time(exported, tmp_pa
         run = run_pipeline(session, info, images, lambda _, out=out: out, 0, 1, lambda _: None,
                            print, runs=runs)  # fmt: skip
         assert [Path(r["input"]).stem for r in run.results] == list("abcdef")
+        assert set(run.stage_cpu_s) == {"decode", "session", "write"}
+        assert min(run.stage_cpu_s.values()) > 0
         masks[runs] = [np.asarray(Image.open(r["mask"])) for r in run.results]
     for one, parallel in zip(masks[1], masks[3], strict=True):
         np.testing.assert_array_equal(one, parallel)

@@ -20,8 +20,8 @@ def bench_folder(model: Path, folder: Path, threads: int, rounds: int = ROUNDS) 
     """Images/s of predict's pipeline (decode, model, write) on every image of `folder`; of its
     session alone on the same images already decoded, as many at a time as predict runs; and of
     one image at a time on `threads` threads (predict's way before it ran images in parallel).
-    Beside each rate, the process's CPU time per image: predict's minus the bare session's is what
-    decoding, argmax and writing cost the cores."""
+    Beside each rate, the process's CPU time and context switches per image: predict's minus the
+    bare session's CPU is what decoding, argmax and writing cost the cores."""
     from concurrent.futures import ThreadPoolExecutor
     from statistics import median
 
@@ -40,29 +40,33 @@ def bench_folder(model: Path, folder: Path, threads: int, rounds: int = ROUNDS) 
     decoded = [read_image(path, orient=True).transpose(2, 0, 1)[None] for path in images]
     feeds = [{"image": np.ascontiguousarray(image, dtype=np.float32)} for image in decoded]
 
-    def timed(work) -> tuple[float, float]:
-        """(wall s, process CPU s) of work()"""
-        wall, cpu = time.perf_counter(), time.process_time()
+    def timed(work) -> tuple[float, float, int]:
+        """(wall s, process CPU s, context switches) of work()"""
+        before, wall, cpu = switches(), time.perf_counter(), time.process_time()
         work()
-        return time.perf_counter() - wall, time.process_time() - cpu
+        return time.perf_counter() - wall, time.process_time() - cpu, switches() - before
 
-    def bare(session, runs: int) -> tuple[float, float]:
+    def bare(session, runs: int) -> tuple[float, float, int]:
         session.run(["logits"], feeds[0])  # warm-up, outside the timing
         with ThreadPoolExecutor(runs) as pool:
             return timed(lambda: list(pool.map(lambda f: session.run(["logits"], f), feeds)))
 
-    def pipeline(session, info, runs: int, with_overlay: bool) -> tuple[float, float]:
+    stage_cpu: list[dict[str, float]] = []  # predict's, per round
+
+    def pipeline(session, info, runs: int, with_overlay: bool) -> tuple[float, float, int]:
         with tempfile.TemporaryDirectory(prefix="memseg-bench-out-") as out:
 
             def work() -> None:
-                run_pipeline(session, info, images, lambda _: Path(out), MAX_SIDE, 1,
-                             lambda _: None, print, with_overlay, runs)  # fmt: skip
+                run = run_pipeline(session, info, images, lambda _: Path(out), MAX_SIDE, 1,
+                                   lambda _: None, print, with_overlay, runs)  # fmt: skip
+                if with_overlay:
+                    stage_cpu.append(run.stage_cpu_s)
 
             return timed(work)
 
     one_image, _ = open_session(str(model), "cpu", threads)
     session, info, runs = open_parallel_session(str(model), "cpu")
-    measured: dict[str, list[tuple[float, float]]] = {
+    measured: dict[str, list[tuple[float, float, int]]] = {
         "session": [], "predict": [], "masks_only": [], "one_image": []
     }  # fmt: skip
     for _ in range(rounds):
@@ -70,10 +74,10 @@ def bench_folder(model: Path, folder: Path, threads: int, rounds: int = ROUNDS) 
         measured["predict"].append(pipeline(session, info, runs, True))
         measured["masks_only"].append(pipeline(session, info, runs, False))
         measured["one_image"].append(bare(one_image, 1))
-    rate = {name: median(len(images) / wall for wall, _ in rows) for name, rows in measured.items()}
-    cpu_ms = {
-        name: median(1000 * cpu / len(images) for _, cpu in rows) for name, rows in measured.items()
-    }
+    count = len(images)
+    rate = {name: median(count / r[0] for r in rows) for name, rows in measured.items()}
+    cpu_ms = {name: median(1000 * r[1] / count for r in rows) for name, rows in measured.items()}
+    switched = {name: median(r[2] / count for r in rows) for name, rows in measured.items()}
     return {
         "folder": str(folder),
         "images": len(images),
@@ -89,7 +93,24 @@ def bench_folder(model: Path, folder: Path, threads: int, rounds: int = ROUNDS) 
         "session_cpu_ms_per_image": cpu_ms["session"],
         "predict_cpu_ms_per_image": cpu_ms["predict"],
         "masks_only_cpu_ms_per_image": cpu_ms["masks_only"],
+        # predict's CPU per image by stage; with one onnxruntime thread per image the session's
+        # is all of it, and its excess over the bare session's is what sharing the cores costs
+        "predict_stage_cpu_ms_per_image": {
+            stage: median(1000 * round_[stage] / count for round_ in stage_cpu)
+            for stage in stage_cpu[0]
+        },
+        "session_switches_per_image": switched["session"],
+        "predict_switches_per_image": switched["predict"],
     }
+
+
+def switches() -> int:
+    """Context switches of this process so far, voluntary and involuntary: each costs the thread
+    that resumes its caches."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_nvcsw + usage.ru_nivcsw
 
 
 def bench_tuning(model: Path, sizes: Sequence[tuple[int, int]], repeats: int, threads: int):

@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from memseg_bench.bench.profile import GEMM_SIZE
 from memseg_bench.errors import UserError
 
 WARMUP = 2
@@ -124,12 +125,14 @@ def bench_model(
     threads: int,
     folder: Path | None = None,
     tuning: bool = False,
+    profile: bool = False,
 ) -> dict:
     """Latencies at each size (None: the protocol's); for a trained model the int8 mIoU cost, and
-    with `folder` predict's throughput on it."""
+    with `folder` predict's throughput on it; with `profile` where the fp32 session's time goes."""
     import torch
 
     from memseg_bench.bench.folder import bench_folder, bench_tuning
+    from memseg_bench.bench.profile import gemm_gflops, profile_model
     from memseg_bench.export import FullResolution, Int8Export, export_model, int8_check
     from memseg_bench.quantize import Int8Method, calibration_ids, calibration_images, quantize_int8
     from memseg_bench.runtime import Tuning, create_session
@@ -170,6 +173,12 @@ def bench_model(
         with torch.inference_mode():
             for size in sizes:
                 result["latency"].append(_latencies(wrapper, sessions, size, repeats))
+        if profile:
+            gemm = gemm_gflops(threads, repeats)
+            result["profile"] = [
+                profile_model(paths["fp32"], size, threads, repeats, row["eager_ms"], gemm)
+                for size, row in zip(sizes, result["latency"], strict=True)
+            ]
         if tuning:
             result["tuning"] = {
                 name: bench_tuning(path, sizes, repeats, threads) for name, path in paths.items()
@@ -191,6 +200,7 @@ def bench_infer(
     threads: int = 2,
     folder: str | None = None,
     tuning: bool = False,
+    profile: bool = False,
 ) -> list[dict]:
     """bench_model for each model file (None: a random-init DeepLabv3+ with `backbone` and 21
     classes), torch and onnxruntime both on `threads` threads; prints the tables."""
@@ -211,7 +221,7 @@ def bench_infer(
     try:
         results = [
             bench_model(
-                model, backbone, config, sizes, repeats, threads, folder_path, tuning=tuning
+                model, backbone, config, sizes, repeats, threads, folder_path, tuning, profile
             )
             for model in model_files
         ]
@@ -250,6 +260,8 @@ def print_results(results: list[dict], threads: int) -> None:
                 f"(fp32) -> {100 * cost['int8_miou']:.2f} (int8), cost {cost['miou_drop']:+.2f} "
                 f"points, pixel agreement {cost['pixel_agreement']:.4f}"
             )
+        for row in result.get("profile", []):
+            print_profile(console, result["model"], row)
         for name, rows in result.get("tuning", {}).items():
             table = Table("session option", *[row["size"] for row in rows[0]["by_size"]])
             for variant in rows:
@@ -262,7 +274,8 @@ def print_results(results: list[dict], threads: int) -> None:
             table = Table("model", "images", "images at once", "session images/s",
                           "predict images/s", "ratio", "--no-overlay images/s", "ratio",
                           "one image on all cores, images/s", "predict / that",
-                          "CPU ms/image: session, predict, --no-overlay")  # fmt: skip
+                          "CPU ms/image: session, predict, --no-overlay",
+                          "switches/image: session, predict")  # fmt: skip
             for row in result["folder"]:
                 table.add_row(
                     row["model"], str(row["images"]), str(row["runs"]),
@@ -271,9 +284,43 @@ def print_results(results: list[dict], threads: int) -> None:
                     f"{row['masks_only_images_per_s']:.1f}", f"{row['masks_only_ratio']:.3f}",
                     f"{row['one_image_images_per_s']:.1f}", f"{row['ratio_to_one_image']:.3f}",
                     ", ".join(f"{row[key]:.1f}" for key in CPU_COLUMNS),
+                    f"{row['session_switches_per_image']:.1f}, "
+                    f"{row['predict_switches_per_image']:.1f}",
                 )  # fmt: skip
             console.print(
                 f"{result['model']}: folder {result['folder'][0]['folder']} "
                 f"(medians of {result['folder'][0]['rounds']} rounds)"
             )
             console.print(table)
+            for row in result["folder"]:
+                stages = row["predict_stage_cpu_ms_per_image"]
+                console.print(
+                    f"{row['model']}: predict's CPU ms per image by stage: "
+                    + ", ".join(f"{stage} {ms:.2f}" for stage, ms in stages.items())
+                    + f" (the bare session: {row['session_cpu_ms_per_image']:.2f})"
+                )
+
+
+PROFILE_MIN_SHARE = 0.01  # operator types below this share of the run are summed as "other"
+
+
+def print_profile(console, model: str, row: dict) -> None:
+    from rich.table import Table
+
+    table = Table("operator", "nodes", "ms per run", "share")
+    shown = [op for op in row["by_op"] if op["share"] >= PROFILE_MIN_SHARE]
+    rest = [op for op in row["by_op"] if op["share"] < PROFILE_MIN_SHARE]
+    for op in shown:
+        table.add_row(op["op"], str(int(op["nodes"])), f"{op['ms']:.1f}", f"{op['share']:.1%}")
+    if rest:
+        table.add_row("other", str(int(sum(op["nodes"] for op in rest))),
+                      f"{sum(op['ms'] for op in rest):.1f}",
+                      f"{sum(op['share'] for op in rest):.1%}")  # fmt: skip
+    console.print(f"{model} ORT fp32 at {row['size']}: profiled, {row['run_ms']:.1f} ms per run")
+    console.print(table)
+    console.print(
+        f"convolutions: {row['conv_gflop']:.1f} GFLOP per image; ORT runs them at "
+        f"{row['conv_gflops_per_s']:.0f} GFLOP/s, eager the whole model at "
+        f"{row['eager_gflops_per_s']:.0f} GFLOP/s; onnxruntime's {GEMM_SIZE}x{GEMM_SIZE} "
+        f"MatMul on these threads: {row['gemm_gflops_per_s']:.0f} GFLOP/s"
+    )
