@@ -75,9 +75,14 @@ def bench_folder(model: Path, folder: Path, threads: int, rounds: int = ROUNDS) 
         measured["masks_only"].append(pipeline(session, info, runs, False))
         measured["one_image"].append(bare(one_image, 1))
     count = len(images)
-    rate = {name: median(count / r[0] for r in rows) for name, rows in measured.items()}
-    cpu_ms = {name: median(1000 * r[1] / count for r in rows) for name, rows in measured.items()}
-    switched = {name: median(r[2] / count for r in rows) for name, rows in measured.items()}
+
+    def medians(of) -> dict[str, float]:
+        """Per measurement, the median over rounds of of(wall s, CPU s, context switches)."""
+        return {name: median(of(*row) for row in rows) for name, rows in measured.items()}
+
+    rate = medians(lambda wall, cpu, changes: count / wall)
+    cpu_ms = medians(lambda wall, cpu, changes: 1000 * cpu / count)
+    switched = medians(lambda wall, cpu, changes: changes / count)
     return {
         "folder": str(folder),
         "images": len(images),

@@ -10,7 +10,6 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from memseg_bench.bench.profile import GEMM_SIZE
 from memseg_bench.errors import UserError
 
 WARMUP = 2
@@ -306,6 +305,8 @@ PROFILE_MIN_SHARE = 0.01  # operator types below this share of the run are summe
 
 def print_profile(console, model: str, row: dict) -> None:
     from rich.table import Table
+
+    from memseg_bench.bench.profile import GEMM_SIZE
 
     table = Table("operator", "nodes", "ms per run", "share")
     shown = [op for op in row["by_op"] if op["share"] >= PROFILE_MIN_SHARE]

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-CPU_PROVIDERS = ["CPUExecutionProvider"]
-WARMUP = 2
+from memseg_bench.bench.infer import CPU_PROVIDERS, WARMUP, _median_ms
+
 GEMM_SIZE = 2048
 CONV_OPS = ("Conv", "FusedConv")  # FusedConv: a convolution with its activation folded in
 
@@ -78,7 +78,6 @@ def gemm_gflops(threads: int, repeats: int, size: int = GEMM_SIZE) -> float:
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from memseg_bench.bench.infer import _median_ms
     from memseg_bench.runtime import Tuning, session_options
 
     rng = np.random.default_rng(0)
