@@ -78,6 +78,30 @@ def train(
 
 
 @app.command()
+def sweep(
+    jobs: int = typer.Option(1, help="runs at once: 2 one-thread runs on 2 cores, more on a GPU"),
+    runs_dir: Path = typer.Option(Path("runs")),
+    curves_dir: Path = typer.Option(Path("reports/curves")),
+    logs_dir: Path = typer.Option(None, help="a log per run [default: logs/<runs dir name>]"),
+    list_runs: bool = typer.Option(False, "--list", help="print each run's state and stop"),
+    params: Path = PARAMS,
+) -> None:
+    """Train the sweep's runs `--jobs` at a time: finished ones skipped, interrupted ones resumed.
+    Then `dvc commit` records them and `dvc repro` evaluates and reports."""
+    from memseg_bench.sweep import plan, run_sweep
+
+    planned = plan(_training_config(params), runs_dir)
+    if list_runs:
+        for item in planned:
+            typer.echo(f"{item.state:6} {item.spec.name}")
+        return
+    logs_dir = logs_dir or Path("logs") / runs_dir.name
+    failed = run_sweep(planned, params, runs_dir, curves_dir, logs_dir, jobs, typer.echo)
+    if failed:
+        raise UserError(f"{len(failed)} run(s) failed: " + "; ".join(failed))
+
+
+@app.command()
 def evaluate(
     run: Path = typer.Option(..., help="run directory, e.g. runs/supervised-random-20-s0"),
     metrics_dir: Path = typer.Option(Path("reports/metrics")),
