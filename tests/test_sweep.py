@@ -22,7 +22,7 @@ PIPELINES = [(ROOT / "dvc.yaml", ROOT / "params.yaml")] + [
 
 @pytest.mark.parametrize("pipeline, params", PIPELINES, ids=lambda p: p.parent.name)
 def test_sweep_runs_are_the_train_stages_outputs(pipeline, params):
-    from dvc.repo import Repo
+    Repo = pytest.importorskip("dvc.repo").Repo  # the GPU machines run the package without dvc
 
     stages = [s for s in Repo(str(ROOT)).index.stages if Path(s.path) == pipeline]
     trained = [
