@@ -264,7 +264,10 @@ def test_bench_infer_small(tmp_path, monkeypatch):
     )
     assert [row["size"] for row in result["profile"]] == ["48x48", "32x32"]
     for row, latency in zip(result["profile"], result["latency"], strict=True):
-        assert row["by_op"][0]["op"] in ("Conv", "FusedConv")  # a segmenter is mostly convolutions
+        # At these sizes, on a loaded machine, layout reorders can outlast the convolutions.
+        assert {"Conv", "FusedConv"} & {entry["op"] for entry in row["by_op"]}
+        shares = [entry["share"] for entry in row["by_op"]]
+        assert shares == sorted(shares, reverse=True) and sum(shares) == pytest.approx(1)
         assert row["conv_gflop"] > 0
         assert row["eager_gflops_per_s"] == pytest.approx(
             1e3 * row["conv_gflop"] / latency["eager_ms"]
