@@ -87,7 +87,7 @@ def test_init_writes_a_loadable_protocol(photos):
     config = load_config("pipelines/shapes/params.yaml")
     assert (config.data.name, config.data.root) == ("folder", "photos")
     assert config.split.dataset == "shapes"
-    assert config.train.lr == 1.0 and config.train.iterations == 1200  # --set, then the preset
+    assert config.train.lr == 1.0 and config.train.iterations == 4000  # --set, then the preset
     assert config.sweep.n_labeled == (4, 8) and config.sweep.full_n_labeled == 16
     assert config.export.run == "memseg-n4-s0"
     draws = [read_ids(Path(f"splits/shapes/random_s{s}/4/labeled.txt")) for s in (0, 1)]
