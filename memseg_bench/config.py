@@ -261,6 +261,42 @@ class MemSegConfig:
 
 
 @dataclass(frozen=True)
+class StrongAugmentConfig:
+    """The strong view of FixMatch and UniMatch (UniMatch's published values; docs/controls.md)."""
+
+    jitter_prob: float = 0.8
+    brightness: float = 0.5
+    contrast: float = 0.5
+    saturation: float = 0.5
+    hue: float = 0.25
+    grayscale_prob: float = 0.2
+    blur_prob: float = 0.5
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    cutmix_prob: float = 0.5
+    # Box area as a share of the crop, and its aspect (height / width).
+    cutmix_area: tuple[float, float] = (0.02, 0.4)
+    cutmix_aspect: tuple[float, float] = (0.3, 1 / 0.3)
+
+
+@dataclass(frozen=True)
+class FixMatchConfig:
+    # Pseudo-labels below this confidence get no loss (0 in UniMatch's Cityscapes setting).
+    threshold: float = 0.95
+    strong: StrongAugmentConfig = field(default_factory=StrongAugmentConfig)
+
+
+@dataclass(frozen=True)
+class UniMatchConfig:
+    threshold: float = 0.95
+    # Dropout2d on the encoder's low- and high-level maps of the feature-perturbation stream.
+    feature_dropout: float = 0.5
+    # Total loss: (L_x + w_s (L_s1 + L_s2) + w_fp L_fp) / 2.
+    weight_strong: float = 0.25
+    weight_feature: float = 0.5
+    strong: StrongAugmentConfig = field(default_factory=StrongAugmentConfig)
+
+
+@dataclass(frozen=True)
 class MethodsConfig:
     # A preset of the knobs in BEHAVIOURS; values given explicitly win over it.
     behaviour: Literal["paper", "official"] = "paper"
@@ -269,6 +305,8 @@ class MethodsConfig:
     phase_start: Literal["at", "after"] = "at"
     selftrain: SelfTrainConfig = field(default_factory=SelfTrainConfig)
     memseg: MemSegConfig = field(default_factory=MemSegConfig)
+    fixmatch: FixMatchConfig = field(default_factory=FixMatchConfig)
+    unimatch: UniMatchConfig = field(default_factory=UniMatchConfig)
 
 
 @dataclass(frozen=True)

@@ -191,7 +191,7 @@ class Trainer:
             torch.backends.cudnn.benchmark = not train.deterministic
         seed_everything(spec.seed * 1000 + self.dist.rank)
 
-        self.data = data or open_train_data(config, spec, self.dist, self.method.needs_teacher)
+        self.data = data or open_train_data(config, spec, self.dist, self.method.needs_unlabeled)
         self.labeled_stream = self.data.labeled
         self.unlabeled_stream = self.data.unlabeled
         self.n_labeled = self.data.n_labeled
@@ -310,10 +310,12 @@ class Trainer:
     # -- one iteration -------------------------------------------------------------------------
 
     def _batch(self, stream) -> dict:
+        """The batch's tensors ("image", "label" and, from the datasets, "valid") on the device."""
         batch = next(stream)
         return {
-            "image": batch["image"].to(self.device, non_blocking=True),
-            "label": batch["label"].to(self.device, non_blocking=True),
+            key: value.to(self.device, non_blocking=True)
+            for key, value in batch.items()
+            if isinstance(value, torch.Tensor)
         }
 
     def train_step(self) -> dict[str, torch.Tensor]:

@@ -75,6 +75,9 @@ def protocol_checks(main: dict, curves_dir: Path, limits: ReportConfig) -> dict:
             "passed": headroom >= limits.min_headroom,
         }
     low = counts[0] if counts else None
+    control = positive_control(gains, low, limits.min_gain)
+    if control is not None:
+        checks["positive_control"] = control
     over_sup = gains.get("memseg − supervised", {}).get(low)
     over_self = gains.get("memseg − selftrain", {}).get(low)
     if over_sup is not None:
@@ -96,6 +99,35 @@ def protocol_checks(main: dict, curves_dir: Path, limits: ReportConfig) -> dict:
             and over_self["value"] > 0,
         }
     return checks
+
+
+CONTROLS = ("fixmatch", "unimatch")
+
+
+def positive_control(gains: dict, n_labeled: int | None, limit: float) -> dict | None:
+    """The better of the controls (fixmatch, unimatch) against supervised at the low label count:
+    a protocol measures semi-supervised learning only if it gains >= limit points with a paired
+    95% interval above 0. None when no control ran."""
+    measured = {
+        method: gains[f"{method} − supervised"][n_labeled]
+        for method in CONTROLS
+        if n_labeled in gains.get(f"{method} − supervised", {})
+    }
+    if not measured:
+        return None
+    best = max(measured, key=lambda method: measured[method]["value"])
+    gain = measured[best]
+    interval = gain["interval95"]
+    return {
+        "n_labeled": n_labeled,
+        "method": best,
+        "minus_supervised": gain["value"],
+        "interval95": interval,
+        "pairs": gain["n"],
+        "others": {m: g["value"] for m, g in measured.items() if m != best},
+        "limit": limit,
+        "passed": gain["value"] >= limit and interval is not None and interval[0] > 0,
+    }
 
 
 def _interval(interval) -> str:
@@ -123,6 +155,17 @@ def describe(checks: dict) -> list[str]:
             f"headroom ({verdict}): supervised {headroom['full_n']} labels − "
             f"{headroom['low_n']} labels = {headroom['points']:+.1f} points "
             f"(limit ≥ {headroom['limit']:g})"
+        )
+    control = checks.get("positive_control")
+    if control:
+        verdict = "pass" if control["passed"] else "FAIL"
+        others = "".join(f"; {m} − supervised {v:+.1f}" for m, v in control["others"].items())
+        lines.append(
+            f"positive control ({verdict}): at {control['n_labeled']} labels "
+            f"{control['method']} − supervised {control['minus_supervised']:+.1f} points, "
+            f"{_interval(control['interval95'])} over {control['pairs']} "
+            f"draw{'s' if control['pairs'] != 1 else ''} (limit ≥ {control['limit']:g}, "
+            f"interval above 0){others}"
         )
     gain = checks.get("gain")
     if gain:

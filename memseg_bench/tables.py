@@ -22,7 +22,8 @@ from memseg_bench.fileio import read_json, write_text
 from memseg_bench.published import published_cells
 from memseg_bench.run_metrics import check_metrics
 
-DEFAULT_ORDER = ("supervised", "selftrain", "memseg")
+# Row order; the last method is the one under study, paired against every other row.
+DEFAULT_ORDER = ("supervised", "fixmatch", "unimatch", "selftrain", "memseg")
 TABLE_KINDS = ("main", "ablation", "per_class", "last_vs_best", "compute")
 _STALE = re.compile(r"^(" + "|".join(TABLE_KINDS) + r")(_.+)?\.(md|csv|tex)$")
 
@@ -262,8 +263,9 @@ def format_gain(gain: dict | None) -> str:
 
 
 def _comparisons(cells: dict, methods_order: Sequence[str]) -> list[tuple[str, str]]:
-    """(row, baseline row) pairs: every method against supervised of the same behaviour, and
-    each semi-supervised method against the one listed before it (memseg against selftrain)."""
+    """(row, baseline row) pairs: every method against supervised of the same behaviour, and the
+    method under study (the last of methods_order, memseg) against every other semi-supervised
+    method (the controls fixmatch and unimatch, and selftrain)."""
     pairs = []
     for label in cells:
         method = label.split(" (")[0]
@@ -271,9 +273,8 @@ def _comparisons(cells: dict, methods_order: Sequence[str]) -> list[tuple[str, s
         if method == "supervised" or method not in methods_order:
             continue
         baselines = ["supervised"]
-        previous = methods_order[methods_order.index(method) - 1]
-        if previous != "supervised":
-            baselines.append(previous)
+        if method == methods_order[-1]:
+            baselines += [m for m in methods_order[:-1] if m != "supervised"]
         for base in baselines:
             base_label = base + behaviour if base + behaviour in cells else base
             if base_label in cells:

@@ -41,6 +41,7 @@ def steps_column(ctx, class_names):
 
 CONSISTENCY = Method(
     losses=consistency_losses,
+    needs_unlabeled=True,
     needs_teacher=True,
     update_teacher=update_teacher,
     after_step=count_steps,

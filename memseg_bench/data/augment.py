@@ -14,7 +14,7 @@ import math
 import torch
 from torch.nn import functional as F
 
-from memseg_bench.config import AugmentSide
+from memseg_bench.config import AugmentSide, StrongAugmentConfig
 from memseg_bench.labels import IGNORE
 
 
@@ -63,11 +63,24 @@ def _hsv_to_rgb(hsv: torch.Tensor) -> torch.Tensor:
 def colour_jitter(images: torch.Tensor, strength: float, units: torch.Tensor) -> torch.Tensor:
     """Brightness and contrast in [1 - s, 1 + s], saturation in [1 - s/2, 1 + s/2], hue shift in
     [-s/3, s/3] (fraction of the hue circle), in this fixed order; units [B, 4] in [0, 1)."""
+    return jitter_colours(images, strength, strength, strength / 2, strength / 3, units)
+
+
+def jitter_colours(
+    images: torch.Tensor,
+    brightness: float,
+    contrast: float,
+    saturation: float,
+    hue: float,
+    units: torch.Tensor,
+) -> torch.Tensor:
+    """Brightness, contrast and saturation factors in [1 - x, 1 + x] (at least 0), a hue shift in
+    [-hue, hue] (fraction of the hue circle), in this fixed order; units [B, 4] in [0, 1)."""
     view = (-1, 1, 1, 1)
-    brightness = _uniform(max(0.0, 1 - strength), 1 + strength, units[:, 0]).view(view)
-    contrast = _uniform(max(0.0, 1 - strength), 1 + strength, units[:, 1]).view(view)
-    saturation = _uniform(max(0.0, 1 - strength / 2), 1 + strength / 2, units[:, 2]).view(view)
-    hue = _uniform(-strength / 3, strength / 3, units[:, 3]).view(view)
+    brightness = _uniform(max(0.0, 1 - brightness), 1 + brightness, units[:, 0]).view(view)
+    contrast = _uniform(max(0.0, 1 - contrast), 1 + contrast, units[:, 1]).view(view)
+    saturation = _uniform(max(0.0, 1 - saturation), 1 + saturation, units[:, 2]).view(view)
+    hue = _uniform(-hue, hue, units[:, 3]).view(view)
     x = (images * brightness).clamp(0.0, 255.0)
     mean = _gray(x).mean(dim=(1, 2, 3), keepdim=True)
     x = ((x - mean) * contrast + mean).clamp(0.0, 255.0)
@@ -76,6 +89,12 @@ def colour_jitter(images: torch.Tensor, strength: float, units: torch.Tensor) ->
     hsv = _rgb_to_hsv(x / 255.0)
     hsv = torch.cat([torch.remainder(hsv[:, 0:1] + hue, 1.0), hsv[:, 1:]], dim=1)
     return (_hsv_to_rgb(hsv) * 255.0).clamp(0.0, 255.0)
+
+
+def grayscale(images: torch.Tensor, apply: torch.Tensor) -> torch.Tensor:
+    """Images [B] where `apply` [B] is set become their luma (ITU-R 601) in all three channels."""
+    gray = _gray(images).expand_as(images)
+    return torch.where(apply[:, None, None, None], gray, images)
 
 
 def _kernels(sigma: torch.Tensor, radius: int) -> torch.Tensor:
@@ -259,3 +278,76 @@ def classmix(
         if confidence is not None:
             confidence = torch.where(mask, torch.roll(confidence, -1, 0), confidence)
     return images, labels, confidence
+
+
+# -- the strong view of FixMatch / UniMatch ------------------------------------------------------
+
+
+def strong_colour(
+    images: torch.Tensor, settings: StrongAugmentConfig, generator: torch.Generator
+) -> torch.Tensor:
+    """Colour jitter, grayscale and Gaussian blur, each drawn per image with its probability
+    (images float 0..255 [B, 3, H, W]); no geometric change, so labels stay where they are."""
+    batch = images.shape[0]
+    with torch.no_grad():
+        draws = _rand(generator, batch, True, images.device, count=8)
+        jittered = jitter_colours(
+            images,
+            settings.brightness,
+            settings.contrast,
+            settings.saturation,
+            settings.hue,
+            draws[:, 1:5],
+        )
+        images = torch.where((draws[:, 0] < settings.jitter_prob)[:, None, None, None], jittered, images)
+        images = grayscale(images, draws[:, 5] < settings.grayscale_prob)
+        low, high = settings.blur_sigma
+        sigma = _uniform(low, high, draws[:, 7])
+        blurred = gaussian_blur(images, sigma, sigma, math.ceil(3.0 * high))
+        images = torch.where((draws[:, 6] < settings.blur_prob)[:, None, None, None], blurred, images)
+    return images
+
+
+def cutmix_boxes(
+    batch: int,
+    height: int,
+    width: int,
+    prob: float,
+    area: tuple[float, float],
+    aspect: tuple[float, float],
+    generator: torch.Generator,
+    device=None,
+) -> torch.Tensor:
+    """One axis-aligned box per image, drawn with probability `prob` (else an empty mask): its
+    area a uniform share of the crop in `area`, its aspect h / w uniform in `aspect` (narrowed
+    to what fits the crop at that area), its position uniform over where it fits. bool
+    [B, H, W]. Drawn without a rejection loop, so without host synchronisation."""
+    device = device or generator.device
+    with torch.no_grad():
+        draws = torch.rand((batch, 5), generator=generator, device=generator.device).to(device)
+        size = _uniform(area[0], area[1], draws[:, 1]) * (height * width)
+        # w = sqrt(size / r) <= width and h = sqrt(size * r) <= height bound r from both sides.
+        low = torch.clamp(size / width**2, min=aspect[0])
+        high = torch.clamp(height**2 / size, max=aspect[1])
+        ratio = _uniform(low, torch.maximum(low, high), draws[:, 2])
+        box_w = torch.sqrt(size / ratio).floor().clamp(1, width)
+        box_h = torch.sqrt(size * ratio).floor().clamp(1, height)
+        left = (draws[:, 3] * (width - box_w + 1)).floor()
+        top = (draws[:, 4] * (height - box_h + 1)).floor()
+        cols = torch.arange(width, device=device).view(1, 1, width)
+        rows = torch.arange(height, device=device).view(1, height, 1)
+        view = (-1, 1, 1)
+        inside_w = (cols >= left.view(view)) & (cols < (left + box_w).view(view))
+        inside_h = (rows >= top.view(view)) & (rows < (top + box_h).view(view))
+        drawn = (draws[:, 0] < prob).view(view)
+        return inside_w & inside_h & drawn
+
+
+def paste(box: torch.Tensor, targets, sources) -> tuple[torch.Tensor, ...]:
+    """Each target tensor with the pixels inside `box` [B, H, W] taken from the matching source
+    tensor: images [B, C, H, W] and per-pixel maps [B, H, W] (labels, confidence, validity)."""
+    pasted = []
+    for target, source in zip(targets, sources, strict=True):
+        mask = box[:, None] if target.dim() == 4 else box
+        pasted.append(torch.where(mask, source, target))
+    return tuple(pasted)

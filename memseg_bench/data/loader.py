@@ -29,21 +29,27 @@ def _resize(array: np.ndarray, scale: float, nearest: bool) -> np.ndarray:
 
 def pad_and_crop(
     image: np.ndarray, label: np.ndarray, crop: int, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray]:
-    """Pad to at least crop x crop (image 0, label ignore), then a random crop x crop window."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pad to at least crop x crop (image 0, label ignore), then a random crop x crop window.
+    Also returns where the window holds image pixels rather than padding (bool [crop, crop])."""
     height, width = label.shape
+    inside = np.ones((height, width), dtype=bool)
     pad_h, pad_w = max(0, crop - height), max(0, crop - width)
     if pad_h or pad_w:
         image = np.pad(image, ((0, pad_h), (0, pad_w), (0, 0)), constant_values=0)
         label = np.pad(label, ((0, pad_h), (0, pad_w)), constant_values=IGNORE)
+        inside = np.pad(inside, ((0, pad_h), (0, pad_w)), constant_values=False)
         height, width = label.shape
     top = int(rng.integers(0, height - crop + 1))
     left = int(rng.integers(0, width - crop + 1))
-    return image[top : top + crop, left : left + crop], label[top : top + crop, left : left + crop]
+    window = (slice(top, top + crop), slice(left, left + crop))
+    return image[window], label[window], inside[window]
 
 
 class SegmentationDataset(torch.utils.data.Dataset):
-    """Items {"image": float32 [3, h, w] in 0..255, "label": int64 [h, w], "id": str}.
+    """Items {"image": float32 [3, h, w] in 0..255, "label": int64 [h, w], "id": str}; training
+    items also {"valid": bool [h, w]}: image pixels, not crop padding (what a method that must not
+    read the labels of unlabeled images may still know).
 
     train=True: random crop x crop window (after padding); input_scale != 1 resizes image
     (bilinear) and label (nearest) first, as in the half-resolution Cityscapes protocol.
@@ -86,12 +92,17 @@ class SegmentationDataset(torch.utils.data.Dataset):
                 label = _resize(label, self.input_scale, nearest=True)
         if self.train:
             words = [self.seed % 2**63, int(epoch), int(position)]
-            image, label = pad_and_crop(image, label, self.crop, np.random.default_rng(words))
-        return {
+            image, label, valid = pad_and_crop(
+                image, label, self.crop, np.random.default_rng(words)
+            )
+        item = {
             "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float(),
             "label": torch.from_numpy(label.astype(np.int64)),
             "id": name,
         }
+        if self.train:
+            item["valid"] = torch.from_numpy(np.ascontiguousarray(valid))
+        return item
 
 
 def epoch_plan(

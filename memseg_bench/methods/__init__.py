@@ -4,11 +4,13 @@ Adding a method: a module here that defines `METHOD = Method(...)`, and a line b
 
 from __future__ import annotations
 
-from memseg_bench.methods import memseg, selftrain, supervised
+from memseg_bench.methods import fixmatch, memseg, selftrain, supervised, unimatch
 from memseg_bench.methods.method import Method
 
 METHODS: dict[str, Method] = {
     "supervised": supervised.METHOD,
     "selftrain": selftrain.METHOD,
     "memseg": memseg.METHOD,
+    "fixmatch": fixmatch.METHOD,
+    "unimatch": unimatch.METHOD,
 }

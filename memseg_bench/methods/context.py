@@ -10,6 +10,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from memseg_bench.config import Config
+from memseg_bench.models.resize import resized
 from memseg_bench.timing import PhaseTimer
 
 
@@ -67,6 +68,25 @@ def teacher_forward(ctx: StepContext, images: torch.Tensor) -> tuple[torch.Tenso
     assert teacher is not None
     teacher.train(ctx.config.methods.selftrain.teacher_mode == "train")
     return teacher["net"](images)
+
+
+def confidence_and_labels(logits: torch.Tensor, size, align_corners: bool):
+    """(max softmax probability, argmax) of logits upsampled bilinearly to `size`, [B, H, W]."""
+    probs = torch.softmax(resized(logits.float(), size, align_corners=align_corners), dim=1)
+    return probs.max(dim=1)
+
+
+@torch.no_grad()
+def eval_mode_forward(net: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The segmenter's (logits, features) in eval mode, without gradients; every module's mode is
+    restored afterwards (also BatchNorms that train.freeze_bn keeps in eval mode)."""
+    modes = [(module, module.training) for module in net.modules()]
+    net.eval()
+    try:
+        return net(images)
+    finally:
+        for module, training in modes:
+            module.training = training
 
 
 def flatten_pixels(features: torch.Tensor) -> torch.Tensor:

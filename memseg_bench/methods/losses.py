@@ -63,6 +63,24 @@ def pseudo_label_ce(
     return (per_pixel * confidence.to(per_pixel.dtype).pow(power)).mean()
 
 
+def thresholded_ce(
+    logits: torch.Tensor,
+    pseudo_labels: torch.Tensor,
+    confidence: torch.Tensor,
+    valid: torch.Tensor,
+    threshold: float,
+    align_corners: bool = False,
+) -> torch.Tensor:
+    """FixMatch's unlabeled loss: the CE of the pixels whose pseudo-label confidence is at least
+    `threshold`, summed, divided by the number of valid pixels (not crop padding), confident or
+    not (0 when none is valid). logits [B, C, h, w] are upsampled to the labels [B, H, W]."""
+    logits = resized(logits, pseudo_labels.shape[-2:], align_corners=align_corners)
+    per_pixel = F.cross_entropy(logits, pseudo_labels, reduction="none")
+    counted = valid & (confidence >= threshold)
+    total = torch.where(counted, per_pixel, torch.zeros_like(per_pixel)).sum()
+    return total / valid.sum().to(per_pixel.dtype).clamp_min(1.0)
+
+
 def entropy_loss(
     logits: torch.Tensor,
     labels: torch.Tensor | None = None,

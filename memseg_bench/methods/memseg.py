@@ -192,6 +192,7 @@ def make_bank(config, num_classes: int, device) -> dict:
 
 METHOD = Method(
     losses=losses,
+    needs_unlabeled=True,
     needs_teacher=True,
     new_bank=make_bank,
     update_teacher=selftrain.update_teacher,

@@ -1,6 +1,7 @@
 """A method as a record of functions: what the engine calls, and nothing it has to know by name.
 
-The engine builds a teacher when `needs_teacher`, pixel heads and a memory bank when `new_bank` is
+The engine streams unlabeled batches when `needs_unlabeled`, builds a teacher when
+`needs_teacher`, pixel heads and a memory bank when `new_bank` is
 set, calls `losses` for the loss terms of one step, then `update_teacher` and `after_step` after
 the optimiser step, and `curve_columns` at every log step. A method reads its own section of
 `methods.` in the config plus the shared sections (`train`, `model`, `data`)."""
@@ -25,7 +26,9 @@ if TYPE_CHECKING:
 class Method:
     # (ctx, labeled batch, unlabeled batch or None, step) -> (named loss terms, student pass)
     losses: Losses
-    # An unlabeled stream and an EMA teacher (a copy of the student).
+    # An unlabeled batch at every step (the `unlabeled` argument of `losses`).
+    needs_unlabeled: bool = False
+    # An EMA teacher (a copy of the student).
     needs_teacher: bool = False
     # (config, num_classes, device) -> memory bank; set, the student also gets the pixel heads.
     new_bank: Callable[[Config, int, Any], dict] | None = None

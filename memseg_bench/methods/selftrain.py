@@ -7,7 +7,13 @@ import torch
 
 from memseg_bench.data.augment import augment, classmix
 from memseg_bench.labels import IGNORE
-from memseg_bench.methods.context import StepContext, StudentPass, started, teacher_forward
+from memseg_bench.methods.context import (
+    StepContext,
+    StudentPass,
+    confidence_and_labels,
+    started,
+    teacher_forward,
+)
 from memseg_bench.methods.contrastive import class_index
 from memseg_bench.methods.ema import ema_alpha, ema_update
 from memseg_bench.methods.losses import (
@@ -27,12 +33,7 @@ from memseg_bench.models.resize import resized
 def pseudo_labels(ctx: StepContext, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Teacher confidence and argmax on the un-augmented unlabeled crops, at crop size."""
     logits, _ = teacher_forward(ctx, images)
-    align_corners = ctx.config.model.align_corners
-    probs = torch.softmax(
-        resized(logits.float(), images.shape[-2:], align_corners=align_corners), dim=1
-    )
-    confidence, labels = probs.max(dim=1)
-    return confidence, labels
+    return confidence_and_labels(logits, images.shape[-2:], ctx.config.model.align_corners)
 
 
 def strong_views(ctx: StepContext, images, labels, confidence, step: int):
@@ -229,5 +230,6 @@ def update_teacher(ctx: StepContext, step: int) -> None:
 
 
 METHOD = Method(
-    losses=losses, needs_teacher=True, update_teacher=update_teacher, section="selftrain"
+    losses=losses, needs_unlabeled=True,
+    needs_teacher=True, update_teacher=update_teacher, section="selftrain"
 )

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+from torch.nn import functional
 
 from memseg_bench.models.resize import resized
 
@@ -148,3 +149,19 @@ class Segmenter(nn.Module):
         x = (x - self.mean) / self.std
         low, high = self.backbone(x)
         return self.head(low, high)
+
+    def forward_with_perturbed_features(
+        self, x: torch.Tensor, dropout: float
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(logits, features, perturbed logits): the head runs once on the encoder's low- and
+        high-level maps and on the same maps after channel dropout (Dropout2d, rate `dropout`),
+        as one batch. The dropout acts in training mode only; `forward`, which is what is
+        exported, never has it."""
+        x = (x - self.mean) / self.std
+        low, high = self.backbone(x)
+        drop = functional.dropout2d
+        low = torch.cat([low, drop(low, dropout, training=self.training)])
+        high = torch.cat([high, drop(high, dropout, training=self.training)])
+        logits, features = self.head(low, high)
+        clean, perturbed = logits.chunk(2)
+        return clean, features[: x.shape[0]], perturbed
