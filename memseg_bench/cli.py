@@ -54,7 +54,7 @@ def prepare(
 
 @app.command()
 def train(
-    method: str = typer.Option(..., help="supervised | selftrain | memseg"),
+    method: str = typer.Option(..., help="supervised | fixmatch | unimatch | selftrain | memseg"),
     n_labeled: int = typer.Option(..., help="label count of the split family in params"),
     seed: int = typer.Option(
         0, help="training seed (and split draw when split.seed_suffix is set)"
@@ -275,7 +275,7 @@ def bench_step(
     preset: str = typer.Option(None, help="benchmark another preset's configuration"),
     params: Path = PARAMS,
 ) -> None:
-    """Iteration time of memseg vs selftrain vs supervised at equal batch, as ratios."""
+    """Step time of every method against supervised at equal batch, as ratios."""
     from memseg_bench.bench.train import bench_step as run
 
     run(_training_config(params, preset), steps=steps, threads=threads)

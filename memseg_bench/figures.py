@@ -19,8 +19,14 @@ from memseg_bench.errors import UserError
 from memseg_bench.fileio import atomic_path
 from memseg_bench.labels import IGNORE
 
-METHOD_COLOURS = {"supervised": "#7f7f7f", "selftrain": "#1f77b4", "memseg": "#d62728"}
-_OTHER_COLOURS = ("#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf", "#ff7f0e")
+METHOD_COLOURS = {
+    "supervised": "#7f7f7f",
+    "fixmatch": "#2ca02c",
+    "unimatch": "#9467bd",
+    "selftrain": "#1f77b4",
+    "memseg": "#d62728",
+}
+_OTHER_COLOURS = ("#8c564b", "#e377c2", "#bcbd22", "#17becf", "#ff7f0e")
 _STYLES = ("-", "--", ":", "-.")
 _RUN = re.compile(r"^(?P<method>[^-]+)-n(?P<n>\d+)-s(?P<seed>\d+)$")
 
@@ -236,9 +242,10 @@ def bank_diagnostics(
 
 
 def method_diagnostics(curves_dir: str | Path, out_png: str | Path) -> Path:
-    """Why a semi-supervised method gains or does not: per method and label count, the teacher's
-    pseudo-label accuracy against the hidden ground truth of the unlabeled images (and its mean
-    confidence), and every loss term over training, averaged over seeds."""
+    """Why a semi-supervised method gains or does not: per method and label count, the
+    pseudo-labels' accuracy against the hidden ground truth of the unlabeled images, their mean
+    confidence and (FixMatch, UniMatch) the share of pixels above the threshold, and every loss
+    term over training, averaged over seeds."""
     from matplotlib.figure import Figure
 
     curves_dir = Path(curves_dir)
@@ -257,14 +264,17 @@ def method_diagnostics(curves_dir: str | Path, out_png: str | Path) -> Path:
         curves = groups[group]
         seeds = f"{len(curves)} seed{'s' if len(curves) > 1 else ''}"
         quality_ax, loss_ax = axes[row]
-        for column, style in (("pseudo_accuracy", "-"), ("pseudo_confidence", ":")):
+        columns = (("pseudo_accuracy", "-"), ("pseudo_confidence", ":"), ("pseudo_above_tau", "--"))
+        for column, style in columns:
+            if not all(column in curve for curve in curves):
+                continue
             steps, values = _seed_mean(curves, column)
             colour, label = styles[group]["color"], column.replace("_", " ")
             quality_ax.plot(
                 steps, 100 * _smooth(values), linestyle=style, color=colour, label=label
             )
         quality_ax.set(
-            title=f"{group} ({seeds}): teacher pseudo-labels on unlabeled images",
+            title=f"{group} ({seeds}): pseudo-labels on unlabeled images",
             xlabel="iteration",
             ylabel="%",
         )

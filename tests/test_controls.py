@@ -76,7 +76,9 @@ def test_paste_takes_every_pixel_inside_the_box_from_the_partner():
     partner = [torch.roll(t, -1, 0) for t in (images, labels, confidence, valid)]
     box = cutmix_boxes(3, 16, 16, 1.0, (0.2, 0.4), (0.5, 2.0), g)
     out = paste(box, (images, labels, confidence, valid), partner)
-    for mixed, original, source in zip(out, (images, labels, confidence, valid), partner):
+    for mixed, original, source in zip(
+        out, (images, labels, confidence, valid), partner, strict=True
+    ):
         inside = box[:, None].expand_as(mixed) if mixed.dim() == 4 else box
         assert torch.equal(mixed[inside], source[inside])
         assert torch.equal(mixed[~inside], original[~inside])
@@ -179,7 +181,9 @@ def test_crop_padding_is_marked_invalid():
         assert valid.shape == (16, 16) and valid.sum() == 10 * 12
         assert (cropped_label[~valid] == IGNORE).all() and (cropped[~valid] == 0).all()
         assert (cropped[valid] == 7).all()
-    _, _, full = pad_and_crop(np.zeros((20, 20, 3)), np.zeros((20, 20)), 16, np.random.default_rng(0))
+    _, _, full = pad_and_crop(
+        np.zeros((20, 20, 3)), np.zeros((20, 20)), 16, np.random.default_rng(0)
+    )
     assert full.all()
 
 

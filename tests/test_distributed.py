@@ -3,9 +3,10 @@ to a single-process step on the union batch, and resume under 2 ranks.
 
 Settings of the union-batch comparison: train.freeze_bn = true (SyncBatchNorm needs CUDA, and
 per-rank batch statistics of half the batch differ from the union's), dropout off and no random
-augmentation (each rank draws its own), method selftrain: its losses are means over equally many
-pixels per rank, so the average of the rank gradients is the union gradient. The contrastive term
-normalises per class over each rank's own pixels, so memseg is compared rank against rank only."""
+augmentation (each rank draws its own), methods selftrain and fixmatch: their losses are means
+over equally many pixels per rank, so the average of the rank gradients is the union gradient.
+The contrastive term normalises per class over each rank's own pixels, so memseg is compared rank
+against rank only."""
 
 from __future__ import annotations
 
@@ -35,8 +36,16 @@ NO_AUGMENT = {
 }
 
 
+# FixMatch without its random draws (each rank draws its own) and with every pixel counted.
+DETERMINISTIC_FIXMATCH = {
+    "threshold": 0.0,
+    "strong": {"jitter_prob": 0.0, "grayscale_prob": 0.0, "blur_prob": 0.0, "cutmix_prob": 0.0},
+}
+
+
 def _config():
     values = {
+        "methods": {"fixmatch": DETERMINISTIC_FIXMATCH},
         "preset": "embedded",
         "train": {
             "crop": CROP,
@@ -54,7 +63,8 @@ def _config():
 
 
 def _without_dropout(trainer):
-    for module in list(trainer.model.modules()) + list(trainer.teacher.modules()):
+    teacher = [] if trainer.teacher is None else list(trainer.teacher.modules())
+    for module in list(trainer.model.modules()) + teacher:
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
     return trainer
@@ -132,7 +142,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str, task: str, method: s
         torch.save(
             {
                 "model": trainer.model.state_dict(),
-                "teacher": trainer.teacher.state_dict(),
+                "teacher": None if trainer.teacher is None else trainer.teacher.state_dict(),
                 "bank": trainer.ctx.bank,
             },
             f"{out_dir}/rank{rank}.pt",
@@ -175,14 +185,16 @@ def test_teachers_and_banks_identical_across_ranks(two_rank_run):
     assert int(rank0["bank"]["count"].sum()) > 0
 
 
-def test_two_ranks_match_one_process_on_the_union_batch(tmp_path):
-    _spawn(1, tmp_path / "one", method="selftrain")
-    _spawn(2, tmp_path / "two", method="selftrain")
+@pytest.mark.parametrize("method", ["selftrain", "fixmatch"])
+def test_two_ranks_match_one_process_on_the_union_batch(method, tmp_path):
+    _spawn(1, tmp_path / "one", method=method)
+    _spawn(2, tmp_path / "two", method=method)
     single = _load(tmp_path / "one" / "rank0.pt")
     for rank in (0, 1):
         ranked = _load(tmp_path / "two" / f"rank{rank}.pt")
         _assert_equal_states(single["model"], ranked["model"], atol=1e-5)
-        _assert_equal_states(single["teacher"], ranked["teacher"], atol=1e-5)
+        if single["teacher"] is not None:
+            _assert_equal_states(single["teacher"], ranked["teacher"], atol=1e-5)
 
 
 def test_resume_under_two_ranks(tmp_path):

@@ -74,10 +74,15 @@ def test_a_method_defined_outside_the_package_trains_through_the_engine(tmp_path
 
 
 def test_the_shipped_methods_are_records():
-    assert set(METHODS) == {"supervised", "selftrain", "memseg"}
+    assert set(METHODS) == {"supervised", "fixmatch", "unimatch", "selftrain", "memseg"}
     assert not METHODS["supervised"].needs_teacher and not METHODS["supervised"].needs_bank
     assert METHODS["selftrain"].needs_teacher and not METHODS["selftrain"].needs_bank
     assert METHODS["memseg"].needs_teacher and METHODS["memseg"].needs_bank
+    assert not METHODS["supervised"].needs_unlabeled
+    for name in ("fixmatch", "unimatch"):
+        control = METHODS[name]
+        assert control.needs_unlabeled and not control.needs_teacher and not control.needs_bank
+        assert control.section == name
 
 
 def test_each_ablation_variant_sets_exactly_its_keys():

@@ -329,3 +329,41 @@ def test_readme_block_shows_the_ablation_table_and_no_empty_checks(tmp_path):
     assert "### Main results:" in text and "### Ablations:" in text
     assert "memseg+masked_entropy" in text and "-2.0 [-4.5, +0.5] (n=3)" in text
     assert "Protocol checks" not in text and text.endswith("<!-- ablations:end -->\nafter\n")
+
+
+def test_control_rows_paired_against_supervised_and_memseg(tmp_path):
+    values = {
+        "supervised": (0.40, 0.43, 0.47),
+        "fixmatch": (0.48, 0.52, 0.55),
+        "unimatch": (0.50, 0.50, 0.56),
+        "memseg": (0.45, 0.47, 0.50),
+    }
+    runs = [
+        record(method, 20, seed, v) for method, row in values.items() for seed, v in enumerate(row)
+    ]
+    summary = build_report(write(tmp_path / "metrics", runs), tmp_path / "tables")
+    main = summary["protocols"][summary["default_protocol"]]["tables"]["main"]
+    assert list(main["cells"]) == ["supervised", "fixmatch", "unimatch", "memseg"]
+    gains = main["gain"]
+    assert gains["fixmatch − supervised"][20]["differences"] == pytest.approx([8.0, 9.0, 8.0])
+    assert gains["memseg − fixmatch"][20]["differences"] == pytest.approx([-3.0, -5.0, -5.0])
+    assert gains["memseg − unimatch"][20]["differences"] == pytest.approx([-5.0, -3.0, -6.0])
+    assert "fixmatch − unimatch" not in gains and "unimatch − fixmatch" not in gains
+    text = squeezed(tmp_path / "tables" / "main.md")
+    rows = [line.split("|")[1].strip() for line in text.splitlines() if line.startswith("| ")]
+    assert rows.index("fixmatch") < rows.index("unimatch") < rows.index("memseg")
+    assert "| memseg − unimatch | -4.7" in text
+    from memseg_bench.config import ReportConfig
+    from memseg_bench.protocol_checks import describe, protocol_checks
+
+    checks = protocol_checks(main, tmp_path / "no_curves", ReportConfig(min_gain=5.0))
+    control = checks["positive_control"]
+    # unimatch gains 10, 7, 9 (mean 8.67), fixmatch 8, 9, 8 (8.33): the better one is read
+    assert control["method"] == "unimatch" and control["n_labeled"] == 20
+    assert control["minus_supervised"] == pytest.approx(8.6667, abs=1e-4)
+    assert control["passed"] and control["interval95"][0] > 0
+    assert control["others"] == {"fixmatch": pytest.approx(8.3333, abs=1e-4)}
+    line = next(line for line in describe(checks) if line.startswith("positive control"))
+    assert "positive control (pass): at 20 labels unimatch − supervised +8.7 points" in line
+    failing = protocol_checks(main, tmp_path / "no_curves", ReportConfig(min_gain=9.0))
+    assert not failing["positive_control"]["passed"]

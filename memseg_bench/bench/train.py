@@ -120,12 +120,15 @@ def _print_table(title: str, rows: list[dict]) -> None:
     Console().print(table)
 
 
+BENCH_METHODS = ("supervised", "fixmatch", "unimatch", "selftrain", "memseg")
+# Step-time goals of the positive controls, as a multiple of a supervised step.
+CONTROL_GOALS = {"fixmatch": 2.0, "unimatch": 3.0}
+
+
 def bench_step(config: Config, steps: int = 5, threads: int = 2, warmup: int = 2) -> dict:
     torch.set_num_threads(threads)
     config = bench_config(config)
-    results = {
-        m: time_method(config, m, steps, warmup) for m in ("supervised", "selftrain", "memseg")
-    }
+    results = {m: time_method(config, m, steps, warmup) for m in BENCH_METHODS}
     base = results["supervised"]["step_s"]
     rows = [
         {
@@ -143,6 +146,10 @@ def bench_step(config: Config, steps: int = 5, threads: int = 2, warmup: int = 2
         f"{train.batch_labeled}+{train.batch_unlabeled} images, {results['memseg']['device']}",
         rows,
     )
+    for method, goal in CONTROL_GOALS.items():
+        ratio = results[method]["step_s"] / base
+        verdict = "met" if ratio <= goal else "MISSED"
+        print(f"{method} step / supervised step = {ratio:.2f} (goal <= {goal:g}: {verdict})")
     return results
 
 

@@ -299,12 +299,16 @@ def strong_colour(
             settings.hue,
             draws[:, 1:5],
         )
-        images = torch.where((draws[:, 0] < settings.jitter_prob)[:, None, None, None], jittered, images)
+        images = torch.where(
+            (draws[:, 0] < settings.jitter_prob)[:, None, None, None], jittered, images
+        )
         images = grayscale(images, draws[:, 5] < settings.grayscale_prob)
         low, high = settings.blur_sigma
         sigma = _uniform(low, high, draws[:, 7])
         blurred = gaussian_blur(images, sigma, sigma, math.ceil(3.0 * high))
-        images = torch.where((draws[:, 6] < settings.blur_prob)[:, None, None, None], blurred, images)
+        images = torch.where(
+            (draws[:, 6] < settings.blur_prob)[:, None, None, None], blurred, images
+        )
     return images
 
 

@@ -230,6 +230,9 @@ def update_teacher(ctx: StepContext, step: int) -> None:
 
 
 METHOD = Method(
-    losses=losses, needs_unlabeled=True,
-    needs_teacher=True, update_teacher=update_teacher, section="selftrain"
+    losses=losses,
+    needs_unlabeled=True,
+    needs_teacher=True,
+    update_teacher=update_teacher,
+    section="selftrain",
 )
