@@ -72,12 +72,13 @@ def test_sigkill_then_resume_matches_uninterrupted(method, tmp_path):
     summary_b = json.loads((project / "runs_b" / run / "train.json").read_text())
     assert summary_a["steps"] == summary_b["steps"] == 16
     assert summary_a["best_val"] == summary_b["best_val"]
-    for runs in ("runs_a", "runs_b"):
-        memseg(project, "evaluate", "--run", f"{runs}/{run}", "--metrics-dir", runs + "_m")
-    metrics_a = json.loads((project / "runs_a_m" / f"{run}.json").read_text())
-    metrics_b = json.loads((project / "runs_b_m" / f"{run}.json").read_text())
-    assert metrics_a["miou"] == metrics_b["miou"]
-    assert metrics_a["per_class_iou"] == metrics_b["per_class_iou"]
+    if method == "memseg":  # equal weights score equally; checked end to end once
+        for runs in ("runs_a", "runs_b"):
+            memseg(project, "evaluate", "--run", f"{runs}/{run}", "--metrics-dir", runs + "_m")
+        metrics_a = json.loads((project / "runs_a_m" / f"{run}.json").read_text())
+        metrics_b = json.loads((project / "runs_b_m" / f"{run}.json").read_text())
+        assert metrics_a["miou"] == metrics_b["miou"]
+        assert metrics_a["per_class_iou"] == metrics_b["per_class_iou"]
     columns = ("step", "loss", "loss_sup", "loss_contr_lab", "bank_fill", "loss_strong",
                "loss_feature", "pseudo_above_tau")  # fmt: skip
     curve_a = (project / "curves_a" / f"{run}.csv").read_text().splitlines()
