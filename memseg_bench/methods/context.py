@@ -73,7 +73,8 @@ def teacher_forward(ctx: StepContext, images: torch.Tensor) -> tuple[torch.Tenso
 def confidence_and_labels(logits: torch.Tensor, size, align_corners: bool):
     """(max softmax probability, argmax) of logits upsampled bilinearly to `size`, [B, H, W]."""
     probs = torch.softmax(resized(logits.float(), size, align_corners=align_corners), dim=1)
-    return probs.max(dim=1)
+    confidence, labels = probs.max(dim=1)
+    return confidence, labels
 
 
 @torch.no_grad()
