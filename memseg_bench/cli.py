@@ -281,6 +281,24 @@ def bench_step(
     run(_training_config(params, preset), steps=steps, threads=threads)
 
 
+@bench_app.command("unlabeled-forward")
+def bench_unlabeled_forward(
+    seed: list[int] = typer.Option([2], help="run seed = split draw (repeatable)"),
+    control: list[str] = typer.Option(
+        None, help="supervised | joint | separate | more_labeled (repeatable; default: all)"
+    ),
+    out: Path = typer.Option(None, help="JSON file of the results"),
+    threads: int = typer.Option(2),
+    params: Path = PARAMS,
+) -> None:
+    """Diagnosis: the supervised loss alone, with unlabeled crops in the labeled batch's
+    forward, in a forward of their own, or more labeled crops instead, under BatchNorm from
+    batch statistics and from running statistics (train.freeze_bn); validation mIoU."""
+    from memseg_bench.bench.unlabeled_forward import CONTROLS, diagnose
+
+    diagnose(_training_config(params), seed, control or list(CONTROLS), out, threads)
+
+
 @bench_app.command("train")
 def bench_train(
     steps: int = typer.Option(5),
