@@ -72,15 +72,22 @@ def pseudo_label_stats(pseudo, confidence, valid, hidden_labels, threshold: floa
     return pseudo_label_quality(pseudo, confidence, hidden_labels) | {"pseudo_above_tau": share}
 
 
-def losses(ctx: StepContext, labeled: dict, unlabeled: dict | None, step: int):
-    assert unlabeled is not None
-    settings = ctx.config.methods.fixmatch
-    align_corners = ctx.config.model.align_corners
+def step_inputs(ctx: StepContext, labeled: dict, unlabeled: dict):
+    """(augmented labeled images, their labels, weak crops, their valid pixels, the CutMix
+    partners' targets): what FixMatch and UniMatch prepare before their strong views."""
     weak, valid = unlabeled["image"], valid_pixels(unlabeled)
     with ctx.timer("augment"):
         images, labels = augment_labeled(ctx, labeled)
     with ctx.timer("teacher_forward"):
         partner = partner_targets(ctx, weak, valid)
+    return images, labels, weak, valid, partner
+
+
+def losses(ctx: StepContext, labeled: dict, unlabeled: dict | None, step: int):
+    assert unlabeled is not None
+    settings = ctx.config.methods.fixmatch
+    align_corners = ctx.config.model.align_corners
+    images, labels, weak, valid, partner = step_inputs(ctx, labeled, unlabeled)
     with ctx.timer("augment"):
         view, box = strong_view(ctx, weak, settings.strong)
     with ctx.timer("student_forward"):

@@ -10,15 +10,9 @@ import torch
 from memseg_bench.config import UniMatchConfig
 from memseg_bench.data.augment import paste
 from memseg_bench.methods.context import StepContext, StudentPass, confidence_and_labels
-from memseg_bench.methods.fixmatch import (
-    partner_targets,
-    pseudo_label_stats,
-    strong_view,
-    valid_pixels,
-)
+from memseg_bench.methods.fixmatch import pseudo_label_stats, step_inputs, strong_view
 from memseg_bench.methods.losses import supervised_ce, thresholded_ce
 from memseg_bench.methods.method import Method
-from memseg_bench.methods.supervised import augment_labeled
 
 
 def weighted_terms(
@@ -41,11 +35,7 @@ def losses(ctx: StepContext, labeled: dict, unlabeled: dict | None, step: int):
     assert unlabeled is not None
     settings = ctx.config.methods.unimatch
     align_corners = ctx.config.model.align_corners
-    weak, valid = unlabeled["image"], valid_pixels(unlabeled)
-    with ctx.timer("augment"):
-        images, labels = augment_labeled(ctx, labeled)
-    with ctx.timer("teacher_forward"):
-        partner = partner_targets(ctx, weak, valid)
+    images, labels, weak, valid, partner = step_inputs(ctx, labeled, unlabeled)
     with ctx.timer("augment"):
         view1, box1 = strong_view(ctx, weak, settings.strong)
         view2, box2 = strong_view(ctx, weak, settings.strong)
