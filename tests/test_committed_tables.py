@@ -15,7 +15,7 @@ import pytest
 from memseg_bench.tables import build_report
 
 ROOT = Path(__file__).resolve().parents[1]
-REPORTS = [ROOT / "reports", ROOT / "reports" / "camvid"]
+REPORTS = [ROOT / "reports", ROOT / "reports" / "camvid", ROOT / "reports" / "controls"]
 
 
 def _split_row(line: str) -> list[str]:
