@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from memseg_bench.config import Config
+from memseg_bench.errors import UserError
 from memseg_bench.fileio import write_json
 from memseg_bench.methods.context import StepContext, StudentPass
 from memseg_bench.methods.losses import supervised_ce
@@ -88,12 +89,8 @@ def diagnose(
 ) -> list[dict]:
     unknown = sorted(set(controls) - set(CONTROLS))
     if unknown:
-        from memseg_bench.errors import UserError
-
         raise UserError(f"--control must be among {list(CONTROLS)}, got {unknown}")
     if not config.train.val_every:
-        from memseg_bench.errors import UserError
-
         raise UserError("params: 'train.val_every' must be set: the diagnosis reads validations")
     config = dataclasses.replace(config, train=dataclasses.replace(config.train, threads=threads))
     results = []
