@@ -120,7 +120,6 @@ def _print_table(title: str, rows: list[dict]) -> None:
     Console().print(table)
 
 
-BENCH_METHODS = ("supervised", "fixmatch", "unimatch", "selftrain", "memseg")
 # Step-time goals of the positive controls, as a multiple of a supervised step.
 CONTROL_GOALS = {"fixmatch": 2.0, "unimatch": 3.0}
 
@@ -128,7 +127,9 @@ CONTROL_GOALS = {"fixmatch": 2.0, "unimatch": 3.0}
 def bench_step(config: Config, steps: int = 5, threads: int = 2, warmup: int = 2) -> dict:
     torch.set_num_threads(threads)
     config = bench_config(config)
-    results = {m: time_method(config, m, steps, warmup) for m in BENCH_METHODS}
+    from memseg_bench.methods import METHODS
+
+    results = {m: time_method(config, m, steps, warmup) for m in METHODS}
     base = results["supervised"]["step_s"]
     rows = [
         {

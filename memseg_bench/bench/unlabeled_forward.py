@@ -28,40 +28,50 @@ from memseg_bench.methods.supervised import augment_labeled
 from memseg_bench.runs import RunSpec
 
 
-def _supervised_terms(ctx: StepContext, logits, labels):
-    ce = supervised_ce(logits, labels, align_corners=ctx.config.model.align_corners)
-    return {"sup": ce}
+def _sharing_the_forward(extra_images):
+    """The supervised loss on the labeled batch, with extra_images(ctx, labeled, unlabeled)
+    appended to its train-mode forward (no loss on them)."""
+
+    def losses(ctx: StepContext, labeled: dict, unlabeled: dict | None, step: int):
+        images, labels = augment_labeled(ctx, labeled)
+        batch = torch.cat([images, extra_images(ctx, labeled, unlabeled)])
+        logits, _ = ctx.model["net"](batch)
+        align_corners = ctx.config.model.align_corners
+        terms = {
+            "sup": supervised_ce(logits[: images.shape[0]], labels, align_corners=align_corners)
+        }
+        return terms, StudentPass(images, labels)
+
+    return losses
 
 
-def joint(ctx: StepContext, labeled: dict, unlabeled: dict | None, step: int):
-    images, labels = augment_labeled(ctx, labeled)
-    logits, _ = ctx.model["net"](torch.cat([images, unlabeled["image"]]))
-    terms = _supervised_terms(ctx, logits[: images.shape[0]], labels)
-    return terms, StudentPass(images, labels)
+def _unlabeled_crops(ctx: StepContext, labeled: dict, unlabeled: dict) -> torch.Tensor:
+    return unlabeled["image"]
+
+
+def _more_labeled_crops(ctx: StepContext, labeled: dict, unlabeled: dict) -> torch.Tensor:
+    """As many more augmented crops of the labeled batch as there are unlabeled crops."""
+    count = unlabeled["image"].shape[0]
+    extra, _ = augment_labeled(ctx, {key: value[:count] for key, value in labeled.items()})
+    return extra
 
 
 def separate(ctx: StepContext, labeled: dict, unlabeled: dict | None, step: int):
+    """The unlabeled crops in a forward of their own without gradients (they still move the
+    BatchNorm running statistics), then the supervised loss on the labeled batch alone."""
     images, labels = augment_labeled(ctx, labeled)
     with torch.no_grad():
         ctx.model["net"](unlabeled["image"])
     logits, _ = ctx.model["net"](images)
-    return _supervised_terms(ctx, logits, labels), StudentPass(images, labels)
-
-
-def more_labeled(ctx: StepContext, labeled: dict, unlabeled: dict | None, step: int):
-    images, labels = augment_labeled(ctx, labeled)
-    count = unlabeled["image"].shape[0]
-    extra, _ = augment_labeled(ctx, {key: value[:count] for key, value in labeled.items()})
-    logits, _ = ctx.model["net"](torch.cat([images, extra]))
-    terms = _supervised_terms(ctx, logits[: images.shape[0]], labels)
-    return terms, StudentPass(images, labels)
+    ce = supervised_ce(logits, labels, align_corners=ctx.config.model.align_corners)
+    return {"sup": ce}, StudentPass(images, labels)
 
 
 CONTROLS: dict[str, Method] = {
     "supervised": SUPERVISED,
-    "joint": Method(losses=joint, needs_unlabeled=True),
+    "joint": Method(losses=_sharing_the_forward(_unlabeled_crops), needs_unlabeled=True),
     "separate": Method(losses=separate, needs_unlabeled=True),
-    "more_labeled": Method(losses=more_labeled, needs_unlabeled=True),
+    "more_labeled": Method(losses=_sharing_the_forward(_more_labeled_crops), needs_unlabeled=True),
 }
 
 

@@ -6,7 +6,8 @@ import torch
 
 
 class RandomBatches:
-    """Endless random batches shaped like real ones: images 0..255 and blocky label maps."""
+    """Endless random batches shaped like real ones: images 0..255, blocky label maps and the
+    crop-validity mask of the datasets' training batches (all valid)."""
 
     def __init__(self, batch: int, crop: int, num_classes: int, seed: int, pool: int = 0):
         self.generator = torch.Generator().manual_seed(seed)
@@ -33,7 +34,8 @@ class RandomBatches:
             0, self.num_classes, (self.batch, 1, 8, 8), generator=self.generator
         ).float()
         label = torch.nn.functional.interpolate(blocks, size=(self.crop, self.crop))[:, 0].long()
-        return {"image": image, "label": label}
+        valid = torch.ones_like(label, dtype=torch.bool)  # no crop padding
+        return {"image": image, "label": label, "valid": valid}
 
     def state(self) -> dict:
         return {"generator": self.generator.get_state()}

@@ -9,8 +9,8 @@ from memseg_bench.methods.method import Method
 
 METHODS: dict[str, Method] = {
     "supervised": supervised.METHOD,
-    "selftrain": selftrain.METHOD,
-    "memseg": memseg.METHOD,
     "fixmatch": fixmatch.METHOD,
     "unimatch": unimatch.METHOD,
+    "selftrain": selftrain.METHOD,
+    "memseg": memseg.METHOD,
 }

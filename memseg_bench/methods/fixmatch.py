@@ -21,14 +21,6 @@ from memseg_bench.methods.selftrain import pseudo_label_quality
 from memseg_bench.methods.supervised import augment_labeled
 
 
-def valid_pixels(unlabeled: dict) -> torch.Tensor:
-    """Where the unlabeled crops hold image pixels (the loader's "valid"; all, without it)."""
-    valid = unlabeled.get("valid")
-    if valid is None:
-        return torch.ones_like(unlabeled["label"], dtype=torch.bool)
-    return valid.bool()
-
-
 def partners(batch: torch.Tensor) -> torch.Tensor:
     """Image i's CutMix partner is image (i + 1) mod B of the same unlabeled batch."""
     return torch.roll(batch, shifts=-1, dims=0)
@@ -75,12 +67,27 @@ def pseudo_label_stats(pseudo, confidence, valid, hidden_labels, threshold: floa
 def step_inputs(ctx: StepContext, labeled: dict, unlabeled: dict):
     """(augmented labeled images, their labels, weak crops, their valid pixels, the CutMix
     partners' targets): what FixMatch and UniMatch prepare before their strong views."""
-    weak, valid = unlabeled["image"], valid_pixels(unlabeled)
+    weak, valid = unlabeled["image"], unlabeled["valid"]
     with ctx.timer("augment"):
         images, labels = augment_labeled(ctx, labeled)
     with ctx.timer("teacher_forward"):
         partner = partner_targets(ctx, weak, valid)
     return images, labels, weak, valid, partner
+
+
+def weak_pseudo_labels(logits: torch.Tensor, n_labeled: int, size, align_corners: bool):
+    """(labeled logits, confidence, pseudo-labels): the joint forward's logits split into the
+    labeled batch's and the weak crops', whose detached softmax at crop size gives the rest."""
+    labeled_logits, weak_logits = logits[:n_labeled], logits[n_labeled:]
+    confidence, pseudo = confidence_and_labels(weak_logits.detach(), size, align_corners)
+    return labeled_logits, confidence, pseudo
+
+
+def strong_view_ce(view_logits, box, weak_targets, partner, threshold: float, align_corners: bool):
+    """The thresholded CE of a strong view against the weak targets (pseudo-labels, confidence,
+    valid) with the partner's pasted inside its CutMix box."""
+    targets = paste(box, weak_targets, partner)
+    return thresholded_ce(view_logits, *targets, threshold, align_corners)
 
 
 def losses(ctx: StepContext, labeled: dict, unlabeled: dict | None, step: int):
@@ -93,16 +100,17 @@ def losses(ctx: StepContext, labeled: dict, unlabeled: dict | None, step: int):
     with ctx.timer("student_forward"):
         net = ctx.model["net"]
         logits, _ = net(torch.cat([images, weak]))
-        labeled_logits, weak_logits = logits.split([images.shape[0], weak.shape[0]])
-        confidence, pseudo = confidence_and_labels(
-            weak_logits.detach(), weak.shape[-2:], align_corners
+        labeled_logits, confidence, pseudo = weak_pseudo_labels(
+            logits, images.shape[0], weak.shape[-2:], align_corners
         )
         view_logits, _ = net(view)
-        targets = paste(box, (pseudo, confidence, valid), partner)
+        weak_targets = (pseudo, confidence, valid)
+        strong = strong_view_ce(
+            view_logits, box, weak_targets, partner, settings.threshold, align_corners
+        )
         terms = {
             "sup": 0.5 * supervised_ce(labeled_logits, labels, align_corners=align_corners),
-            "strong": 0.5
-            * thresholded_ce(view_logits, *targets, settings.threshold, align_corners),
+            "strong": 0.5 * strong,
         }
     diagnostics = pseudo_label_stats(
         pseudo, confidence, valid, unlabeled["label"], settings.threshold

@@ -8,9 +8,14 @@ from __future__ import annotations
 import torch
 
 from memseg_bench.config import UniMatchConfig
-from memseg_bench.data.augment import paste
-from memseg_bench.methods.context import StepContext, StudentPass, confidence_and_labels
-from memseg_bench.methods.fixmatch import pseudo_label_stats, step_inputs, strong_view
+from memseg_bench.methods.context import StepContext, StudentPass
+from memseg_bench.methods.fixmatch import (
+    pseudo_label_stats,
+    step_inputs,
+    strong_view,
+    strong_view_ce,
+    weak_pseudo_labels,
+)
 from memseg_bench.methods.losses import supervised_ce, thresholded_ce
 from memseg_bench.methods.method import Method
 
@@ -45,29 +50,18 @@ def losses(ctx: StepContext, labeled: dict, unlabeled: dict | None, step: int):
         logits, _, perturbed = net.forward_with_perturbed_features(
             torch.cat([images, weak]), settings.feature_dropout
         )
-        labeled_logits, weak_logits = logits.split([n_labeled, weak.shape[0]])
-        confidence, pseudo = confidence_and_labels(
-            weak_logits.detach(), weak.shape[-2:], align_corners
+        labeled_logits, confidence, pseudo = weak_pseudo_labels(
+            logits, n_labeled, weak.shape[-2:], align_corners
         )
         view_logits, _ = net(torch.cat([view1, view2]))
         logits1, logits2 = view_logits.chunk(2)
-
-        def unlabeled_ce(view_logits, box):
-            targets = paste(box, (pseudo, confidence, valid), partner)
-            return thresholded_ce(view_logits, *targets, settings.threshold, align_corners)
-
+        weak_targets = (pseudo, confidence, valid)
+        threshold = settings.threshold
         terms = weighted_terms(
             supervised_ce(labeled_logits, labels, align_corners=align_corners),
-            unlabeled_ce(logits1, box1),
-            unlabeled_ce(logits2, box2),
-            thresholded_ce(
-                perturbed[n_labeled:],
-                pseudo,
-                confidence,
-                valid,
-                settings.threshold,
-                align_corners,
-            ),
+            strong_view_ce(logits1, box1, weak_targets, partner, threshold, align_corners),
+            strong_view_ce(logits2, box2, weak_targets, partner, threshold, align_corners),
+            thresholded_ce(perturbed[n_labeled:], *weak_targets, threshold, align_corners),
             settings,
         )
     diagnostics = pseudo_label_stats(

@@ -145,10 +145,12 @@ class Segmenter(nn.Module):
             "std", torch.tensor(std, dtype=torch.float32).reshape(1, 3, 1, 1), persistent=False
         )
 
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The backbone's (low-level, high-level) maps of normalised raw images."""
+        return self.backbone((x - self.mean) / self.std)
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = (x - self.mean) / self.std
-        low, high = self.backbone(x)
-        return self.head(low, high)
+        return self.head(*self.encode(x))
 
     def forward_with_perturbed_features(
         self, x: torch.Tensor, dropout: float
@@ -157,8 +159,7 @@ class Segmenter(nn.Module):
         high-level maps and on the same maps after channel dropout (Dropout2d, rate `dropout`),
         as one batch. The dropout acts in training mode only; `forward`, which is what is
         exported, never has it."""
-        x = (x - self.mean) / self.std
-        low, high = self.backbone(x)
+        low, high = self.encode(x)
         drop = functional.dropout2d
         low = torch.cat([low, drop(low, dropout, training=self.training)])
         high = torch.cat([high, drop(high, dropout, training=self.training)])
